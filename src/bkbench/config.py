@@ -1,0 +1,337 @@
+"""Benchmark configuration: one dataclass that is the whole recipe of a run.
+
+A run is fully described by a :class:`BenchmarkConfig`; the engine (``bkbench.train``,
+``bkbench.benchmark``) reads nothing else. Configs come from presets, YAML files and
+command-line overrides, and are validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ARCHITECTURES = ("transformer", "resnet_bk")
+
+# The twelve optimisation flags of DESIGN.md section 4, in the seed's order. A flag is accepted
+# only once it is implemented; the rest are rejected so that no flag can be on and do nothing.
+OPTIMIZATION_FLAGS = (
+    "use_analytic_gradient",
+    "use_koopman",
+    "use_physics_informed",
+    "use_quantization",
+    "use_pruning",
+    "use_mixed_precision",
+    "use_act",
+    "use_multi_scale",
+    "use_sparse_bk",
+    "use_early_exit",
+    "use_curriculum",
+    "use_active_learning",
+)
+
+# flag -> architectures it applies to. Flags missing here are not implemented yet.
+IMPLEMENTED_FLAGS: dict[str, tuple[str, ...]] = {
+    "use_analytic_gradient": ("resnet_bk",),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything that defines one benchmark run (model, data, training, measurement).
+
+    ``model_name`` is the run's name (``transformer_baseline`` in the seed); ``architecture``
+    says which model is built and is inferred from the name when left empty.
+    """
+
+    model_name: str = "transformer_baseline"
+    architecture: str | None = None
+
+    # model size (shared by all architectures so that comparisons are like for like)
+    d_model: int = 64
+    n_layers: int = 4
+    n_seq: int = 128
+    n_heads: int = 4
+    dropout: float = 0.1
+    tie_weights: bool = False
+
+    # ResNet-BK layer (ignored by the Transformer)
+    num_experts: int = 4
+    top_k: int = 1
+    bk_heads: int = 1
+    bk_mode: str = "causal"
+    v_max: float = 3.0
+    bk_h0: float = -2.0
+    bk_t: float = 1.0
+    bk_energy: float = 0.0
+    bk_eps: float = 1.0
+    moe_balance_weight: float = 0.01
+
+    # training
+    batch_size: int = 32
+    epochs: int = 5
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 0.5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    seed: int = 42
+    device: str = "auto"
+
+    # evaluation
+    eval_batch_size: int = 32
+    eval_stride: int | None = None
+
+    # data
+    data_dir: str | None = None
+    variant: str = "tokens"
+    split_scheme: str = "official"
+    tokenizer: str = "word"
+
+    # durability and logging
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+    # a run whose model fails the causality audit is refused unless this is set
+    allow_noncausal: bool = False
+
+    # the twelve optimisation flags (DESIGN.md section 4)
+    use_analytic_gradient: bool = False
+    use_koopman: bool = False
+    use_physics_informed: bool = False
+    use_quantization: bool = False
+    use_pruning: bool = False
+    use_mixed_precision: bool = False
+    use_act: bool = False
+    use_multi_scale: bool = False
+    use_sparse_bk: bool = False
+    use_early_exit: bool = False
+    use_curriculum: bool = False
+    use_active_learning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture is None:
+            for arch in ARCHITECTURES:
+                if self.model_name.startswith(arch):
+                    self.architecture = arch
+                    break
+
+    # --- derived views -------------------------------------------------------------------
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``bkbench.models.build_model`` (vocab size excluded)."""
+        common = dict(d_model=self.d_model, n_layers=self.n_layers, n_seq=self.n_seq,
+                      dropout=self.dropout, tie_weights=self.tie_weights)
+        if self.architecture == "transformer":
+            return dict(common, n_heads=self.n_heads)
+        return dict(common, num_experts=self.num_experts, top_k=self.top_k,
+                    bk_heads=self.bk_heads, bk_mode=self.bk_mode, v_max=self.v_max,
+                    bk_h0=self.bk_h0, bk_t=self.bk_t, bk_energy=self.bk_energy,
+                    bk_eps=self.bk_eps, analytic_gradient=self.use_analytic_gradient)
+
+    def enabled_flags(self) -> list[str]:
+        return [name for name in OPTIMIZATION_FLAGS if getattr(self, name)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "BenchmarkConfig":
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(_unknown_fields_message(sorted(unknown)))
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> "BenchmarkConfig":
+        return BenchmarkConfig.from_dict({**self.to_dict(), **changes})
+
+    # --- validation ----------------------------------------------------------------------
+
+    def validate(self) -> "BenchmarkConfig":
+        """Raise :class:`ConfigError` for any value that cannot work; return self."""
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} (from model_name {self.model_name!r}) is not "
+                f"one of {', '.join(ARCHITECTURES)}; set architecture= or name the run "
+                f"transformer_* or resnet_bk_*")
+        if not self.model_name or any(c in self.model_name for c in "/\\ "):
+            raise ConfigError(f"model_name {self.model_name!r} must be a non-empty name without "
+                              "spaces or slashes (it names the results file)")
+        positive = ["d_model", "n_layers", "n_seq", "n_heads", "batch_size", "eval_batch_size",
+                    "num_experts", "top_k", "bk_heads", "keep_checkpoints"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("epochs", "warmup_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("max_steps", "max_tokens", "eval_stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        if self.epochs == 0 and self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("no training budget: set epochs >= 1, max_steps or max_tokens")
+        if self.eval_stride is not None and self.eval_stride > self.n_seq:
+            raise ConfigError(f"eval_stride ({self.eval_stride}) cannot exceed n_seq ({self.n_seq})")
+        if self.architecture == "transformer" and self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.bk_mode not in ("causal", "bidirectional"):
+            raise ConfigError(f"bk_mode must be 'causal' or 'bidirectional', got {self.bk_mode!r}")
+        if not self.bk_eps > 0:
+            raise ConfigError(f"bk_eps must be > 0 (the resolvent is bounded by 1/eps), got {self.bk_eps}")
+        if not self.v_max > 0:
+            raise ConfigError(f"v_max must be > 0, got {self.v_max}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.moe_balance_weight < 0:
+            raise ConfigError("weight_decay and moe_balance_weight must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.variant not in ("tokens", "raw"):
+            raise ConfigError(f"variant must be 'tokens' or 'raw', got {self.variant!r}")
+        if self.split_scheme not in ("official", "proxy"):
+            raise ConfigError(f"split_scheme must be 'official' or 'proxy', got {self.split_scheme!r}")
+        if self.tokenizer not in ("word", "byte"):
+            raise ConfigError(f"tokenizer must be 'word' or 'byte', got {self.tokenizer!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ConfigError(f"data_dir {self.data_dir!r} does not exist or is not a directory; "
+                              "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
+        for flag in self.enabled_flags():
+            archs = IMPLEMENTED_FLAGS.get(flag)
+            if archs is None:
+                raise ConfigError(f"{flag} is not implemented yet in this version of bkbench; "
+                                  "switch it off (it would otherwise do nothing)")
+            if self.architecture not in archs:
+                raise ConfigError(f"{flag} applies to {', '.join(archs)} models only, not to "
+                                  f"{self.architecture} (run {self.model_name!r})")
+        return self
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value against the field's type; accept YAML's '1e-3' (a string) for floats."""
+    hint = typing.get_type_hints(BenchmarkConfig)[name]
+    optional = type(None) in typing.get_args(hint)
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        try:
+            return float(value) if not isinstance(value, bool) else _bad_float(name, value)
+        except (TypeError, ValueError):
+            _bad_float(name, value)
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _bad_float(name: str, value: Any):
+    raise ConfigError(f"{name} must be a number, got {value!r}")
+
+
+def _unknown_fields_message(unknown: list[str]) -> str:
+    known = [f.name for f in fields(BenchmarkConfig)]
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown config field(s): {', '.join(parts)}"
+
+
+# --- presets ------------------------------------------------------------------------------
+
+# The seed's benchmark: three runs sharing one training setup.
+DEFAULT_RUNS: dict[str, dict[str, Any]] = {
+    "transformer_baseline": {"architecture": "transformer"},
+    "resnet_bk_baseline": {"architecture": "resnet_bk"},
+    "resnet_bk_full": {"architecture": "resnet_bk", "use_analytic_gradient": True},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the seed's sizes and budget
+    "default": dict(d_model=64, n_layers=4, n_seq=128, n_heads=4, batch_size=32, epochs=5,
+                    lr=1e-3, weight_decay=0.01, grad_clip=0.5, warmup_steps=20, seed=42),
+    # small enough to train all three models in well under a minute on 2 CPU cores
+    "smoke": dict(d_model=32, n_layers=2, n_seq=64, n_heads=2, batch_size=16, epochs=1,
+                  max_steps=20, lr=3e-3, warmup_steps=2, eval_batch_size=64, seed=0,
+                  num_experts=2),
+}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config: a mapping of config fields, optionally with a ``runs`` mapping.
+
+    ``runs`` maps run names to per-run overrides (like :data:`DEFAULT_RUNS`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config fields")
+    return data
+
+
+def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | None = None,
+                      overrides: Mapping[str, Any] | None = None,
+                      models: list[str] | None = None) -> list[BenchmarkConfig]:
+    """Assemble and validate the configs of one benchmark invocation.
+
+    Precedence, lowest first: preset, YAML file, command-line overrides; per-run settings
+    (the run's architecture and flags) sit between the shared values and the overrides.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    file_values = dict(file_values or {})
+    runs = file_values.pop("runs", None) or DEFAULT_RUNS
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError("'runs' in the config file must map run names to settings")
+    shared = {**PRESETS[preset], **file_values}
+    if models:
+        missing = [m for m in models if m not in runs]
+        if missing:
+            raise ConfigError(f"unknown model(s) {', '.join(missing)}; this benchmark has "
+                              f"{', '.join(runs)}")
+        runs = {name: runs[name] for name in models}
+    configs = []
+    for name, run_values in runs.items():
+        values = {**shared, **(run_values or {}), **(overrides or {}), "model_name": name}
+        configs.append(BenchmarkConfig.from_dict(values).validate())
+    return configs
+
+
+__all__ = ["BenchmarkConfig", "ConfigError", "OPTIMIZATION_FLAGS", "PRESETS", "DEFAULT_RUNS",
+           "ARCHITECTURES", "build_run_configs", "load_yaml"]

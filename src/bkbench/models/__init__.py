@@ -1,0 +1,49 @@
+"""Model registry: ``build_model(name, vocab_size, **config)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .common import LanguageModel
+from .transformer import TransformerConfig, TransformerLM
+
+
+def _registry() -> dict[str, tuple[type, Callable[[Any], LanguageModel]]]:
+    models: dict[str, tuple[type, Callable[[Any], LanguageModel]]] = {
+        "transformer": (TransformerConfig, TransformerLM),
+    }
+    try:
+        from .resnet_bk import ResNetBKConfig, ResNetBKLM
+    except ImportError:  # the ResNet-BK model lands in its own change
+        pass
+    else:
+        models["resnet_bk"] = (ResNetBKConfig, ResNetBKLM)
+    return models
+
+
+def available_models() -> list[str]:
+    return list(_registry())
+
+
+def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
+    """Build model ``name`` ("transformer", "resnet_bk") for a vocabulary of ``vocab_size``.
+
+    Unknown config keys are an error rather than silently ignored.
+    """
+    models = _registry()
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(models)}")
+    config_cls, model_cls = models[name]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) for {name}: {', '.join(unknown)}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    return model_cls(config_cls(vocab_size=vocab_size, **config))
+
+
+__all__ = ["build_model", "available_models", "LanguageModel", "TransformerConfig", "TransformerLM"]

@@ -1,0 +1,52 @@
+"""What every benchmarked language model shares: input checks and cost accounting by component."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class LanguageModel(nn.Module):
+    """Base class: ``forward(idx)`` maps (B, T) token ids to (B, T, V) logits.
+
+    Subclasses set ``n_seq`` and ``COMPONENTS`` (component -> module-name prefixes inside the
+    model, matched against each dotted name's parts) so that parameters and measured FLOPs
+    can be attributed to embedding / mixer / feed_forward / lm_head.
+    """
+
+    COMPONENTS: dict[str, tuple[str, ...]] = {}
+    n_seq: int
+
+    def check_input(self, idx: torch.Tensor) -> int:
+        if idx.dim() != 2:
+            raise ValueError(f"expected token ids of shape (batch, seq), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
+        T = idx.shape[1]
+        if T > self.n_seq:
+            raise ValueError(f"sequence length {T} exceeds the model's n_seq={self.n_seq}")
+        return T
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Extra training loss produced by the last forward pass (None if the model has none)."""
+        return None
+
+    def component_of(self, name: str) -> str:
+        """The cost component a parameter or module (dotted name) belongs to."""
+        parts = name.split(".")
+        for component, prefixes in self.COMPONENTS.items():
+            if any(p in parts for p in prefixes):
+                return component
+        return "other"
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied weight is counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameters per component; tied weights are counted once, under their first name."""
+        counts = {c: 0 for c in self.COMPONENTS}
+        for name, p in self.named_parameters():  # named_parameters() yields a shared tensor once
+            component = self.component_of(name)
+            counts[component] = counts.get(component, 0) + p.numel()
+        return counts

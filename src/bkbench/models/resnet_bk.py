@@ -1,0 +1,263 @@
+"""ResNet-BK language model: a mixture-of-experts feed-forward plus the O(N) BK-Core mixer.
+
+Token + position embeddings -> n_layers pre-LayerNorm residual blocks x + Layer(LN(x)) ->
+LayerNorm -> LM head. Each block's layer (DESIGN.md section 3):
+
+1. ``f = MoE(h)``: num_experts GELU experts d -> 2d -> d; each token goes to the top_k experts
+   of a linear gate, weighted by a softmax over the chosen k gate logits. Routing has no noise,
+   so it is a deterministic function of the token's own hidden state in both modes.
+2. per BK head k (K = bk_heads): a potential ``v_k = v_max * tanh(proj(f)_k / v_max)``, the
+   chain of the sequence's positions;
+3. the BK-Core ``g = resolvent_diag(v, h0, t_k, energy=E_k, eps=eps_k)`` (causal by default:
+   g at position i depends on positions <= i only), each head with its own learnable coupling
+   t_k and shift z_k = E_k + i*eps_k, eps_k = softplus(raw_k) > 0;
+4. ``out = f + bk_scale * Linear(2K, d)([Re g_1..K, Im g_1..K])``.
+
+``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
+future, is not a valid language model, and exists to be studied (the causality audit fails it).
+
+Two details keep the causal model causal *bit for bit* (``bkbench.audit``), not just in exact
+arithmetic:
+
+* each expert runs on the tokens routed to it only (gather, expert, scatter-add), so the row
+  count of its matmuls depends on the routing of every token in the batch, later ones
+  included. CPU GEMMs pick their kernel by shape, and for small row counts (measured: fewer
+  than 12 rows, not a multiple of 4) a row's result then changes in the last bits with the
+  row count. Each expert's batch is therefore padded with zero rows to a multiple of
+  ``EXPERT_ROW_MULTIPLE``: its kernels see row counts from the regime where a row's result
+  does not depend on the others. The padding costs at most 15 rows per expert and layer, and
+  the FLOP counter sees it (it is work done).
+* dropout is applied only to tensors of a fixed shape (the embeddings, each layer's output),
+  never inside an expert, so the RNG stream - and every dropout mask - does not depend on the
+  routing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.bk_core import resolvent_diag
+from .common import LanguageModel
+
+# Rows of each expert's batch are padded to a multiple of this (see the module docstring).
+EXPERT_ROW_MULTIPLE = 16
+
+
+@dataclass
+class ResNetBKConfig:
+    vocab_size: int
+    d_model: int = 64
+    n_layers: int = 4
+    n_seq: int = 128
+    dropout: float = 0.1
+    tie_weights: bool = False
+    num_experts: int = 4
+    top_k: int = 1
+    moe_balance_weight: float = 0.01   # Switch-style load-balancing loss weight (0: off)
+    bk_heads: int = 1                  # K BK-Core heads per layer (the published model: 1)
+    bk_mode: str = "causal"            # "causal" or "bidirectional" (not a valid LM)
+    v_max: float = 3.0                 # bound of the potential, v = v_max*tanh(u/v_max)
+    bk_h0: float = -2.0                # free diagonal h0 (fixed)
+    bk_t: float = 1.0                  # initial coupling t (learnable per head)
+    bk_energy: float = 0.0             # initial E of z = E + i*eps (learnable per head)
+    bk_eps: float = 1.0                # initial eps > 0 (learnable per head, via softplus)
+    bk_scale_init: float = 1.0         # initial per-channel gain on the BK features
+    analytic_gradient: bool = False    # BK-Core backward by the exact adjoint sweep
+
+    def __post_init__(self) -> None:
+        if self.bk_mode not in ("causal", "bidirectional"):
+            raise ValueError(f"bk_mode must be 'causal' or 'bidirectional', got {self.bk_mode!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be between 1 and num_experts "
+                             f"({self.num_experts})")
+        if self.bk_heads < 1:
+            raise ValueError(f"bk_heads must be >= 1, got {self.bk_heads}")
+        if not self.bk_eps > 0:
+            raise ValueError(f"bk_eps must be > 0 (|g| <= 1/eps), got {self.bk_eps}")
+        if not self.v_max > 0:
+            raise ValueError(f"v_max must be > 0, got {self.v_max}")
+        if self.moe_balance_weight < 0:
+            raise ValueError(f"moe_balance_weight must be >= 0, got {self.moe_balance_weight}")
+
+
+def inverse_softplus(y: float) -> float:
+    """A float32 x with softplus(x) == float32(y) exactly, when one is within 3 ulps of the
+    rounded solution of log(exp(y) - 1) (else that rounded solution)."""
+    x = torch.tensor(y + math.log(-math.expm1(-y)), dtype=torch.float32)
+    target = torch.tensor(y, dtype=torch.float32)
+    up, down = x, x
+    for _ in range(4):  # rounding x to float32 can move softplus(x) by an ulp or so
+        for c in (up, down):
+            if F.softplus(c) == target:
+                return float(c)
+        up = torch.nextafter(up, torch.tensor(math.inf))
+        down = torch.nextafter(down, torch.tensor(-math.inf))
+    return float(x)
+
+
+class Expert(nn.Module):
+    """One feed-forward expert: d -> 2d -> d with GELU."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(2 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k mixture of experts; each expert computes only the tokens routed to it."""
+
+    def __init__(self, cfg: ResNetBKConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.balance_weight = cfg.moe_balance_weight
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg.d_model) for _ in range(cfg.num_experts))
+        # state of the last forward, for tests, the auxiliary loss and expert pruning
+        self.last_counts: torch.Tensor | None = None      # (num_experts,) tokens per expert
+        self.last_indices: torch.Tensor | None = None     # (tokens, top_k) chosen experts
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])                       # (N, d)
+        logits = self.gate(x)                              # (N, E)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        weights = F.softmax(top_logits, dim=-1)            # (N, k), sums to 1 per token
+
+        out = torch.zeros_like(x)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        for e, expert in enumerate(self.experts):
+            token, slot = (top_idx == e).nonzero(as_tuple=True)   # tokens in ascending order
+            n = token.numel()
+            counts[e] = n
+            if n == 0:
+                continue
+            xe = x.index_select(0, token)
+            pad = -n % EXPERT_ROW_MULTIPLE
+            if pad:
+                xe = F.pad(xe, (0, 0, 0, pad))
+            ye = expert(xe)[:n] * weights[token, slot].unsqueeze(-1)
+            out.index_add_(0, token, ye)   # a token receives its experts in index order
+
+        self.last_counts = counts.detach()
+        self.last_indices = top_idx.detach()
+        if self.training and self.balance_weight > 0:
+            # Switch Transformer: E * sum_e (fraction of routed slots to e) * (mean gate prob of e)
+            fraction = counts.to(x.dtype) / (x.shape[0] * self.top_k)
+            mean_prob = F.softmax(logits, dim=-1).mean(dim=0)
+            self.last_aux_loss = self.balance_weight * self.num_experts * (fraction * mean_prob).sum()
+        else:
+            self.last_aux_loss = None
+        return out.reshape(shape)
+
+
+class BKMixer(nn.Module):
+    """Potential -> BK-Core (K heads) -> (Re g, Im g) features -> Linear(2K, d) -> per-channel gain."""
+
+    def __init__(self, cfg: ResNetBKConfig):
+        super().__init__()
+        K = cfg.bk_heads
+        self.heads = K
+        self.v_max = cfg.v_max
+        self.h0 = cfg.bk_h0
+        self.causal = cfg.bk_mode == "causal"
+        self.analytic_gradient = cfg.analytic_gradient
+        self.v_proj = nn.Linear(cfg.d_model, K)
+        self.coupling = nn.Parameter(torch.full((K,), float(cfg.bk_t)))
+        self.energy = nn.Parameter(torch.full((K,), float(cfg.bk_energy)))
+        self.eps_raw = nn.Parameter(torch.full((K,), inverse_softplus(cfg.bk_eps)))
+        self.feature_proj = nn.Linear(2 * K, cfg.d_model)
+        self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.bk_scale_init)))
+
+    def eps(self) -> torch.Tensor:
+        return F.softplus(self.eps_raw)
+
+    def resolvent(self, f: torch.Tensor) -> torch.Tensor:
+        """The BK-Core output g, complex (B, K, T), for the feed-forward output f (B, T, d)."""
+        v = self.v_max * torch.tanh(self.v_proj(f) / self.v_max)    # (B, T, K)
+        v = v.transpose(1, 2).contiguous()                          # (B, K, T): one chain per head
+        return resolvent_diag(v, self.h0, self.coupling, energy=self.energy, eps=self.eps(),
+                              causal=self.causal, analytic_gradient=self.analytic_gradient)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        g = self.resolvent(f)
+        features = torch.cat([g.real, g.imag], dim=1).transpose(1, 2)   # (B, T, 2K)
+        return self.scale * self.feature_proj(features)
+
+
+class Block(nn.Module):
+    """x + dropout(Layer(LN(x))), Layer(h) = MoE(h) + BK(MoE(h))."""
+
+    def __init__(self, cfg: ResNetBKConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.moe = MoEFeedForward(cfg)
+        self.bk = BKMixer(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.moe(self.ln(x))
+        return x + self.dropout(f + self.bk(f))
+
+
+class ResNetBKLM(LanguageModel):
+    # module-name part -> cost component (see LanguageModel.component_of)
+    COMPONENTS = {
+        "embedding": ("tok_emb", "pos_emb"),
+        "mixer": ("bk",),
+        "feed_forward": ("moe", "ln"),
+        "lm_head": ("ln_f", "lm_head"),
+    }
+
+    def __init__(self, cfg: ResNetBKConfig):
+        super().__init__()
+        self.config = cfg
+        self.n_seq = cfg.n_seq
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = self.check_input(idx)
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """MoE load-balancing loss of the last forward, summed over layers (None in eval / weight 0)."""
+        losses = [b.moe.last_aux_loss for b in self.blocks if b.moe.last_aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def last_routing_counts(self) -> torch.Tensor:
+        """(n_layers, num_experts) tokens routed to each expert in the last forward."""
+        counts = [b.moe.last_counts for b in self.blocks]
+        if any(c is None for c in counts):
+            raise RuntimeError("no forward has run yet")
+        return torch.stack(counts)

@@ -1,0 +1,161 @@
+"""Benchmark results: the seed's field names, honest definitions, atomic JSON files.
+
+Field meanings (the seed used some of these names for training-set numbers; here they are
+held-out numbers, and the training-set ones are named as such):
+
+- ``final_loss`` / ``final_perplexity``: test split, from the best-validation weights.
+- ``best_perplexity``: best validation perplexity over the epochs (the model-selection number).
+- ``epoch_losses``: mean *training* loss per epoch (cross-entropy only, dropout on).
+- ``epoch_perplexities``: validation perplexity after each epoch (eval mode, whole split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchmarkResults:
+    model_name: str
+    config: dict[str, Any]
+
+    # held-out numbers (see module docstring)
+    final_loss: float
+    final_perplexity: float
+    best_perplexity: float
+    test_loss: float
+    test_perplexity: float
+    test_bits_per_token: float
+    test_tokens: int
+    valid_loss: float
+    valid_perplexity: float
+    valid_bits_per_token: float
+    valid_tokens: int
+    best_epoch: int
+
+    # training
+    training_time: float                    # seconds in training steps, evaluation excluded
+    total_tokens: int                       # target tokens trained on
+    steps: int
+    tokens_per_second: float                # training throughput, warm-up steps excluded
+    epoch_losses: list[float]
+    epoch_perplexities: list[float]
+    epoch_times: list[float]
+    eval_time: float
+
+    # model
+    num_parameters: int
+    parameter_breakdown: dict[str, int]
+    model_size_mb: float
+
+    # data
+    data: dict[str, Any]
+
+    # cost measurements (filled by bkbench.metrics; null when not measured)
+    forward_flops: int | None = None
+    backward_flops: int | None = None
+    optimizer_flops: int | None = None
+    total_flops: int | None = None
+    flops: dict[str, Any] | None = None
+    peak_memory_mb: float | None = None
+    memory: dict[str, Any] | None = None
+
+    # causality audit of the model as built (bkbench.audit); null when not audited
+    causality: dict[str, Any] | None = None
+    perplexity_valid_for_lm: bool = True
+
+    seed: int = 0
+    environment: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BenchmarkResults":
+        if values.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"results schema_version {values.get('schema_version')!r} is not "
+                             f"{SCHEMA_VERSION}; rerun the benchmark with this bkbench version")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchmarkResults":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write JSON so that ``path`` is either the old file or the complete new one, never partial."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the numbers came from: versions, hardware, commit."""
+    from . import __version__
+    env = {
+        "bkbench_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+        env["cuda_version"] = torch.version.cuda
+    return env

@@ -1,0 +1,494 @@
+"""The training engine: one run of one model, from a config to held-out numbers.
+
+- AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay;
+- training windows of ``n_seq`` targets cut from the training stream, in a seeded random order
+  per epoch (the order of epoch e depends only on the seed and e, which makes resuming exact);
+- gradient clipping, and a hard stop naming the step on a NaN/Inf loss or gradient norm;
+- validation perplexity after every epoch, test perplexity at the end from the best-validation
+  weights;
+- checkpoints every ``checkpoint_every`` steps and at each epoch end, exact resume, a
+  checkpoint on SIGTERM/SIGINT before exiting;
+- DistributedDataParallel when launched under torchrun: each rank takes a disjoint shard of
+  every global batch, the loss is normalised by the global token count so the gradient equals
+  the single-process one, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .config import BenchmarkConfig, ConfigError
+from .eval import EvalResult, evaluate
+
+log = logging.getLogger(__name__)
+
+# config fields that must match for a checkpoint to be resumed (everything that changes the
+# numbers); durability and logging settings may differ
+_RESUME_IGNORED_FIELDS = {"checkpoint_every", "keep_checkpoints", "tensorboard", "device",
+                          "data_dir", "eval_batch_size"}
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the gradient became NaN/Inf; the message names the step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to a different config."""
+
+
+@dataclass
+class TrainOutcome:
+    epoch_losses: list[float]
+    epoch_perplexities: list[float]
+    epoch_times: list[float]
+    step_losses: list[float]
+    valid: EvalResult
+    test: EvalResult
+    best_epoch: int
+    steps: int
+    total_tokens: int
+    training_time: float
+    eval_time: float
+    tokens_per_second: float
+    resumed_from_step: int | None = None
+
+
+@dataclass
+class _Progress:
+    """Everything about where training is that a checkpoint must restore."""
+    epoch: int = 0                 # epoch in progress (0-based)
+    batch_in_epoch: int = 0        # batches of that epoch already done
+    step: int = 0                  # optimizer steps done
+    tokens: int = 0                # target tokens trained on
+    training_time: float = 0.0
+    timed_tokens: int = 0          # tokens and time after the timing warm-up
+    timed_time: float = 0.0
+    epoch_time: float = 0.0        # time spent so far in the epoch in progress
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    eval_time: float = 0.0
+    best_valid: dict[str, Any] | None = None   # EvalResult of the best epoch, as a dict
+    best_epoch: int = -1
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_perplexities: list[float] = field(default_factory=list)
+    epoch_times: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def make_optimizer(model: nn.Module, config: BenchmarkConfig) -> torch.optim.AdamW:
+    # decay matrices (linear and embedding weights), not biases, norms or scalar BK parameters
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+@contextmanager
+def _stop_requests() -> Iterator[dict[str, int | None]]:
+    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only)."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, _frame):
+        flag["signal"] = signum
+
+    installed = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            installed[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no handlers, training just runs
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(saved) | set(current)) - _RESUME_IGNORED_FIELDS
+    return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
+            for k in sorted(keys) if saved.get(k) != current.get(k)]
+
+
+class Trainer:
+    """Trains ``model`` on ``data.train``, validates on ``data.valid``, tests on ``data.test``."""
+
+    def __init__(self, config: BenchmarkConfig, model: nn.Module, data, device: torch.device,
+                 run_dir: Path | None = None, resume: bool = False,
+                 data_fingerprint: dict[str, Any] | None = None, progress: bool = True):
+        self.config = config
+        self.device = device
+        self.data = data
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.resume = resume
+        self.data_fingerprint = data_fingerprint or {}
+        self.show_progress = progress
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+
+        self.model = model.to(device)
+        self.ddp_model: nn.Module = self.model
+        if self.distributed:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        n = config.n_seq
+        self.num_windows = (data.train.numel() - 1) // n
+        self.steps_per_epoch = self.num_windows // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training split has {data.train.numel()} tokens: fewer than one batch of "
+                f"{config.batch_size} windows of {n} tokens; lower batch_size or n_seq")
+        if config.batch_size < self.world:
+            raise ConfigError(f"batch_size ({config.batch_size}) must be at least the number of "
+                             f"processes ({self.world})")
+        budgets = []
+        if config.epochs:
+            budgets.append(config.epochs * self.steps_per_epoch)
+        if config.max_steps:
+            budgets.append(config.max_steps)
+        if config.max_tokens:
+            budgets.append(math.ceil(config.max_tokens / (config.batch_size * n)))
+        self.total_steps = min(budgets)
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(self.total_steps, config.warmup_steps, config.min_lr_ratio))
+        self.progress = _Progress()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.resumed_from_step: int | None = None
+        self._log_file = None
+        self._tb = None
+
+    # --- data ----------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(self.num_windows, generator=g)
+
+    def batch(self, order: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of global batch ``index`` of an epoch: (inputs, targets)."""
+        bs, n = self.config.batch_size, self.config.n_seq
+        windows = order[index * bs:(index + 1) * bs][self.rank::self.world]
+        offsets = torch.arange(n + 1)
+        chunk = self.data.train[windows[:, None] * n + offsets]
+        return chunk[:, :-1].to(self.device), chunk[:, 1:].to(self.device)
+
+    # --- checkpoints and logs ------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "progress": self.progress.__dict__.copy(),
+            "config": self.config.to_dict(),
+            "data": self.data_fingerprint,
+            "world_size": self.world,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None or not self.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.progress.step, self.model.state_dict(),
+                               self.best_state, self._checkpoint_state(),
+                               keep=self.config.keep_checkpoints)
+
+    def _try_resume(self) -> None:
+        if not self.resume or self.checkpoint_dir is None:
+            return
+        ckpt = load_latest_checkpoint(self.checkpoint_dir)
+        if ckpt is None:
+            return
+        diffs = config_differences(ckpt.state["config"], self.config.to_dict())
+        if ckpt.state.get("data") != self.data_fingerprint:
+            diffs.append(f"data: checkpoint has {ckpt.state.get('data')}, this run has "
+                         f"{self.data_fingerprint}")
+        if ckpt.state.get("world_size", 1) != self.world:
+            diffs.append(f"world size: checkpoint has {ckpt.state.get('world_size')}, "
+                         f"this run has {self.world}")
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {ckpt.path} belongs to a different run; differences: "
+                + "; ".join(diffs) + ". Use another --output-dir or delete the checkpoint.")
+        self.model.load_state_dict(ckpt.model)
+        self.best_state = ckpt.best_model
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        _set_rng_state(ckpt.state["rng"])
+        self.progress = _Progress(**ckpt.state["progress"])
+        self.resumed_from_step = self.progress.step
+        log.info("resumed %s from %s (step %d)", self.config.model_name, ckpt.path,
+                 self.progress.step)
+
+    def _open_logs(self) -> None:
+        if self.run_dir is None or not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "train_log.jsonl"
+        if self.resumed_from_step is None:
+            self._log_file = open(path, "w")
+        else:  # keep the lines up to the checkpoint, drop those of the lost steps after it
+            kept = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut off by the kill
+                    if rec.get("step", 0) <= self.resumed_from_step:
+                        kept.append(line)
+            self._log_file = open(path, "w")
+            self._log_file.write("".join(l + "\n" for l in kept))
+        if self.config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=self.resumed_from_step)
+
+    def _log(self, kind: str, step: int, **scalars: float) -> None:
+        if self._log_file is not None:
+            self._log_file.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+            self._log_file.flush()
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(f"{kind}/{name}", value, step)
+
+    def _close_logs(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _autocast(self):
+        if not self.config.use_mixed_precision:
+            return nullcontext()
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step; returns (global mean cross-entropy, gradient norm)."""
+        step = self.progress.step
+        global_tokens = self.config.batch_size * self.config.n_seq
+        self.ddp_model.train()
+        with self._autocast():
+            logits = self.ddp_model(inputs)
+        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                 targets.reshape(-1), reduction="sum")
+        # DDP averages gradients over ranks: scale so that the average is the global mean
+        loss = ce_sum * (self.world / global_tokens)
+        aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
+        if aux is not None:
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"{self.config.model_name}: loss is {loss.item()} at step {step} "
+                f"(epoch {self.progress.epoch + 1}, batch {self.progress.batch_in_epoch}); stopping")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if not torch.isfinite(grad_norm):
+            bad = [n for n, p in self.model.named_parameters()
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise TrainingDivergedError(
+                f"{self.config.model_name}: gradient norm is {grad_norm.item()} at step {step} "
+                f"(non-finite gradients in {', '.join(bad[:5]) or 'none found'}); stopping")
+        self.optimizer.step()
+        self.scheduler.step()
+        ce = ce_sum.detach()
+        if self.distributed:
+            dist.all_reduce(ce)
+        return ce.item() / global_tokens, grad_norm.item()
+
+    def _validate(self, split: torch.Tensor) -> EvalResult:
+        self._sync()
+        start = time.perf_counter()
+        dtype = None
+        if self.config.use_mixed_precision:
+            dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        result = evaluate(self.model, split, self.config.n_seq, self.config.eval_batch_size,
+                          stride=self.config.eval_stride, bos_id=self.data.vocab.eos_id,
+                          device=self.device, autocast_dtype=dtype)
+        self._sync()
+        self.progress.eval_time += time.perf_counter() - start
+        return result
+
+    def fit(self) -> TrainOutcome:
+        self._try_resume()
+        self._open_logs()
+        try:
+            with _stop_requests() as stop:
+                self._loop(stop)
+            return self._finish()
+        finally:
+            self._close_logs()
+
+    def _loop(self, stop: dict[str, int | None]) -> None:
+        p, cfg = self.progress, self.config
+        tokens_per_step = cfg.batch_size * cfg.n_seq
+        timing_warmup = min(3, max(0, self.total_steps // 10))
+        bar = None
+        if self.show_progress and self.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=p.step, desc=cfg.model_name,
+                       unit="step", dynamic_ncols=True, disable=None)
+        try:
+            while p.step < self.total_steps:
+                order = self.epoch_order(p.epoch)
+                steps_this_epoch = min(self.steps_per_epoch,
+                                       self.total_steps - p.epoch * self.steps_per_epoch)
+                while p.batch_in_epoch < steps_this_epoch:
+                    if stop["signal"] is not None:
+                        self._interrupted(stop["signal"])
+                    inputs, targets = self.batch(order, p.batch_in_epoch)
+                    self._sync()
+                    start = time.perf_counter()
+                    loss, grad_norm = self.train_step(inputs, targets)
+                    self._sync()
+                    elapsed = time.perf_counter() - start
+                    p.step += 1
+                    p.batch_in_epoch += 1
+                    p.tokens += tokens_per_step
+                    p.training_time += elapsed
+                    p.epoch_time += elapsed
+                    if p.step > timing_warmup:
+                        p.timed_tokens += tokens_per_step
+                        p.timed_time += elapsed
+                    p.epoch_loss_sum += loss
+                    p.epoch_loss_count += 1
+                    p.step_losses.append(loss)
+                    lr = self.scheduler.get_last_lr()[0]
+                    tok_s = tokens_per_step / elapsed
+                    self._log("train", p.step, loss=loss, lr=lr, grad_norm=grad_norm,
+                              tokens_per_second=tok_s)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                    if (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0
+                            and p.batch_in_epoch < steps_this_epoch):
+                        self.save_checkpoint()
+                self._end_epoch()
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        valid = self._validate(self.data.valid)
+        p.epoch_losses.append(p.epoch_loss_sum / max(1, p.epoch_loss_count))
+        p.epoch_perplexities.append(valid.perplexity)
+        p.epoch_times.append(p.epoch_time)
+        if p.best_valid is None or valid.loss < p.best_valid["loss"]:
+            p.best_valid = valid.to_dict()
+            p.best_epoch = p.epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._log("epoch", p.step, epoch=p.epoch + 1, train_loss=p.epoch_losses[-1],
+                  valid_loss=valid.loss, valid_perplexity=valid.perplexity,
+                  epoch_time=p.epoch_time)
+        if self.is_main:
+            log.info("%s epoch %d: train loss %.4f, valid ppl %.2f, %.1f s",
+                     self.config.model_name, p.epoch + 1, p.epoch_losses[-1], valid.perplexity,
+                     p.epoch_time)
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        p.epoch_time = 0.0
+        p.epoch_loss_sum = 0.0
+        p.epoch_loss_count = 0
+
+    def _interrupted(self, signum: int) -> None:
+        path = self.save_checkpoint()
+        name = signal.Signals(signum).name
+        where = f"checkpoint written to {path}" if path else "no checkpoint directory configured"
+        raise TrainingInterrupted(
+            f"{name} received at step {self.progress.step} of {self.config.model_name}; {where}. "
+            "Run the same command with --resume to continue.")
+
+    def _finish(self) -> TrainOutcome:
+        p = self.progress
+        self.model.load_state_dict(self.best_state)
+        valid = EvalResult(**{k: p.best_valid[k] for k in
+                              ("loss", "num_tokens", "total_nll", "seq_len", "stride")})
+        test = self._validate(self.data.test)
+        tps = p.timed_tokens / p.timed_time if p.timed_time > 0 else p.tokens / max(p.training_time, 1e-9)
+        return TrainOutcome(
+            epoch_losses=p.epoch_losses, epoch_perplexities=p.epoch_perplexities,
+            epoch_times=p.epoch_times, step_losses=p.step_losses, valid=valid, test=test,
+            best_epoch=p.best_epoch + 1, steps=p.step, total_tokens=p.tokens,
+            training_time=p.training_time, eval_time=p.eval_time, tokens_per_second=tps,
+            resumed_from_step=self.resumed_from_step)

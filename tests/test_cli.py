@@ -1,0 +1,116 @@
+"""The command line: bad input stops before any work with exit 2; a smoke run writes results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bkbench.cli import main
+from bkbench.config import ConfigError, build_run_configs
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bkbench", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--d-model", "-4"], "d_model must be a positive integer"),
+    (["--n-layers", "0"], "n_layers must be a positive integer"),
+    (["--models", "lstm_baseline"], "unknown model"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--top-k", "9", "--num-experts", "2"], "top_k (9) cannot exceed"),
+    (["--use-koopman"], "use_koopman is not implemented"),
+    (["--use-analytic-gradient", "--models", "transformer_baseline"], "applies to resnet_bk"),
+    (["--data-dir", "/nonexistent/wikitext"], "does not exist"),
+    (["--eval-stride", "500"], "eval_stride"),
+    (["--bk-eps", "0"], "bk_eps must be > 0"),
+])
+def test_bad_values_exit_2_with_one_line(args, message, tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--preset", "smoke", "--output-dir", str(out_dir), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 or err.startswith("usage:")
+    assert not out_dir.exists(), "nothing may be written when the input is bad"
+
+
+def test_unknown_field_in_yaml_is_named_with_a_suggestion(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("d_modle: 32\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "did you mean 'd_model'" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", str(tmp_path / "nope.yaml")])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_official_scheme_without_train_split_points_to_proxy(shared_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
+              "--output-dir", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "--split-scheme proxy" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_results_untouched_by_a_bad_invocation(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    existing = out / "transformer_baseline_results.json"
+    existing.write_text('{"kept": true}')
+    with pytest.raises(SystemExit):
+        main(["run", "--output-dir", str(out), "--n-seq", "-1"])
+    assert existing.read_text() == '{"kept": true}'
+
+
+def test_precedence_preset_file_override(tmp_path):
+    values = {"d_model": 48, "runs": {"transformer_small": {"n_layers": 1}}}
+    (cfg,) = build_run_configs("smoke", values, {"n_layers": 3})
+    assert cfg.model_name == "transformer_small"
+    assert cfg.d_model == 48 and cfg.n_layers == 3 and cfg.n_seq == 64
+
+
+def test_yaml_values_are_type_checked(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\nmax_steps: 2\n")  # YAML reads 1e-3 as a string; accepted as float
+    (config,) = build_run_configs("smoke", {"lr": "1e-3"}, models=["transformer_baseline"])
+    assert config.lr == 1e-3
+    with pytest.raises(ConfigError, match="n_layers must be an integer"):
+        build_run_configs("smoke", {"n_layers": 2.5})
+    with pytest.raises(ConfigError, match="tie_weights must be true or false"):
+        build_run_configs("smoke", {"tie_weights": "yes please"})
+
+
+def test_help_explains_every_config_field():
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0
+    for f in ("--d-model", "--use-analytic-gradient", "--split-scheme", "--data-dir",
+              "--preset", "--models", "--resume", "--bk-heads", "--num-experts"):
+        assert f in proc.stdout
+
+
+def test_smoke_run_writes_results_with_held_out_numbers(shared_data_dir, tmp_path):
+    out = tmp_path / "results"
+    proc = run_cli("run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
+                   "--split-scheme", "proxy", "--models", "transformer_baseline",
+                   "--output-dir", str(out), "--max-steps", "3", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "transformer_baseline_results.json").read_text())
+    assert res["data"]["scheme"] == "proxy"
+    assert res["valid_tokens"] + res["test_tokens"] == 245_569  # the official test split, halved
+    assert res["steps"] == 3
+    assert res["test_perplexity"] == pytest.approx(2.718281828 ** res["test_loss"])
+    assert res["environment"]["torch_version"]
+    assert res["schema_version"] == 1
+    assert "transformer_baseline" in proc.stdout and "PROXY" in proc.stdout
