@@ -104,7 +104,7 @@ def test_smoke_run_writes_results_with_held_out_numbers(shared_data_dir, tmp_pat
     out = tmp_path / "results"
     proc = run_cli("run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
                    "--split-scheme", "proxy", "--models", "transformer_baseline",
-                   "--output-dir", str(out), "--max-steps", "3", "--quiet")
+                   "--output-dir", str(out), "--max-steps", "3", "--quiet", "--tensorboard")
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "transformer_baseline_results.json").read_text())
     assert res["data"]["scheme"] == "proxy"
@@ -114,3 +114,14 @@ def test_smoke_run_writes_results_with_held_out_numbers(shared_data_dir, tmp_pat
     assert res["environment"]["torch_version"]
     assert res["schema_version"] == 1
     assert "transformer_baseline" in proc.stdout and "PROXY" in proc.stdout
+    assert list((out / "runs" / "transformer_baseline" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # --resume skips a run whose results are complete
+    before = (out / "transformer_baseline_results.json").stat().st_mtime_ns
+    again = run_cli("run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
+                    "--split-scheme", "proxy", "--models", "transformer_baseline",
+                    "--output-dir", str(out), "--max-steps", "3", "--quiet", "--tensorboard",
+                    "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "skipping" in again.stderr
+    assert (out / "transformer_baseline_results.json").stat().st_mtime_ns == before

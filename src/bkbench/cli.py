@@ -12,25 +12,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+import torch.distributed as dist
 
 from . import __version__
 from .config import PRESETS, BenchmarkConfig, ConfigError, build_run_configs, load_yaml
 from .data import DataError
-from .train import CheckpointMismatchError
+from .train import (CheckpointMismatchError, TrainingDivergedError, TrainingInterrupted,
+                    init_distributed)
 
 EXIT_USAGE = 2
 
 # options that have a dedicated flag with its own help below
 _DEDICATED = {"data_dir", "split_scheme", "device"}
+# run identity comes from --models / the config file's runs, not from per-field overrides
+_NOT_OPTIONS = {"model_name", "architecture"}
 
 _FIELD_HELP = {
-    "model_name": "run name (only meaningful with a single run)",
-    "architecture": "transformer or resnet_bk (inferred from the run name)",
     "d_model": "hidden size", "n_layers": "number of blocks", "n_seq": "context length (tokens)",
     "n_heads": "attention heads (Transformer)", "dropout": "dropout probability",
     "tie_weights": "tie the LM head to the token embedding",
@@ -71,7 +73,7 @@ def _parse_optional(kind: type):
 def _add_config_fields(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
-        if f.name in _DEDICATED:
+        if f.name in _DEDICATED or f.name in _NOT_OPTIONS:
             continue
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
@@ -126,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .benchmark import WikiText2Benchmark
-    from .train import TrainingDivergedError, TrainingInterrupted
 
     file_values = load_yaml(args.config) if args.config else {}
     overrides = {k: v for k, v in vars(args).items()
@@ -136,10 +137,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             overrides.pop(name, None)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     configs = build_run_configs(args.preset, file_values, overrides, models)
-    if len(configs) > 1 and "model_name" in overrides:
-        raise ConfigError("--model-name names a single run; use --models to choose runs")
 
-    bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet)
+    distributed = init_distributed(configs[0].device)
+    is_main = not distributed or dist.get_rank() == 0
+    bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet and is_main)
     # load the data before any training so that a data problem stops everything up front
     for config in configs:
         bench.load_data(config)
@@ -147,12 +148,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         results = bench.run_all(configs, resume=args.resume)
     except TrainingInterrupted as exc:
         print(f"bkbench: {exc}", file=sys.stderr)
-        return 128 + signal.SIGTERM if "SIGTERM" in str(exc) else 130
+        return 128 + exc.signum
     except TrainingDivergedError as exc:
         print(f"bkbench: error: {exc}", file=sys.stderr)
         return 1
-    from .summary import print_summary
-    print_summary(results)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if is_main:
+        from .summary import print_summary
+        print_summary(results)
     return 0
 
 

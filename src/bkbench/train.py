@@ -52,6 +52,10 @@ class TrainingDivergedError(FloatingPointError):
 class TrainingInterrupted(RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint belongs to a different config."""
@@ -96,9 +100,27 @@ class _Progress:
     step_losses: list[float] = field(default_factory=list)
 
 
+def init_distributed(device_name: str = "auto") -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed.
+
+    gloo on CPU, nccl on CUDA, with the rendezvous torchrun sets up in the environment.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
@@ -413,8 +435,8 @@ class Trainer:
                 steps_this_epoch = min(self.steps_per_epoch,
                                        self.total_steps - p.epoch * self.steps_per_epoch)
                 while p.batch_in_epoch < steps_this_epoch:
-                    if stop["signal"] is not None:
-                        self._interrupted(stop["signal"])
+                    if self._stop_agreed(stop):
+                        self._interrupted(stop["signal"] or signal.SIGTERM)
                     inputs, targets = self.batch(order, p.batch_in_epoch)
                     self._sync()
                     start = time.perf_counter()
@@ -471,13 +493,22 @@ class Trainer:
         p.epoch_loss_sum = 0.0
         p.epoch_loss_count = 0
 
+    def _stop_agreed(self, stop: dict[str, int | None]) -> bool:
+        """Whether to stop now; under DDP every rank stops at the same step or none does."""
+        requested = stop["signal"] is not None
+        if not self.distributed:
+            return requested
+        flag = torch.tensor([1 if requested else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _interrupted(self, signum: int) -> None:
         path = self.save_checkpoint()
         name = signal.Signals(signum).name
         where = f"checkpoint written to {path}" if path else "no checkpoint directory configured"
         raise TrainingInterrupted(
             f"{name} received at step {self.progress.step} of {self.config.model_name}; {where}. "
-            "Run the same command with --resume to continue.")
+            "Run the same command with --resume to continue.", signum)
 
     def _finish(self) -> TrainOutcome:
         p = self.progress

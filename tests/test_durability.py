@@ -1,0 +1,122 @@
+"""Checkpoints and exact resume, signals, corrupt checkpoints, config mismatch, DDP, logs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bkbench.checkpoint import list_checkpoints, load_latest_checkpoint
+
+DRIVER = Path(__file__).with_name("train_driver.py")
+STEPS = 60
+
+
+def driver(run_dir, *args, **popen):
+    cmd = [sys.executable, str(DRIVER), str(run_dir), "--steps", str(STEPS), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return finish(driver(tmp_path_factory.mktemp("ref")))
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=120):
+    log = run_dir / "train_log.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists():
+            steps = [json.loads(l)["step"] for l in log.read_text().splitlines() if l.endswith("}")]
+            if steps and max(steps) >= step:
+                return max(steps)
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be interrupted")
+        time.sleep(0.01)
+    pytest.fail("training did not reach the step in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_identical_numbers(sig, reference, tmp_path):
+    proc = driver(tmp_path)
+    wait_for_step(tmp_path, 20, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "--resume" in err and "SIGTERM" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert list_checkpoints(tmp_path / "checkpoints")
+    resumed = finish(driver(tmp_path, "--resume"))
+    assert resumed["resumed_from_step"] is not None and resumed["resumed_from_step"] > 0
+    for key in ("step_losses", "valid_loss", "test_loss", "epoch_losses", "steps"):
+        assert resumed[key] == reference[key], key  # bit-identical, not approximately equal
+    # the log has exactly one line per step, the lost steps after the checkpoint replaced
+    lines = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(1, STEPS + 1))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, caplog):
+    proc = driver(tmp_path)
+    wait_for_step(tmp_path, 30, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert len(ckpts) == 2  # keep_checkpoints=2
+    latest = ckpts[-1] / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncate
+    found = load_latest_checkpoint(tmp_path / "checkpoints")
+    assert found is not None and found.path == ckpts[0]
+    assert "does not match its checksum" in caplog.text
+    resumed = finish(driver(tmp_path, "--resume"))
+    assert resumed["step_losses"] == reference["step_losses"]
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    finish(driver(tmp_path, "--steps", "6"))
+    proc = driver(tmp_path, "--resume", "--d-model", "24")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "d_model: checkpoint has 16, this run has 24" in err
+
+
+def test_log_has_one_line_per_step_and_epoch(reference, tmp_path):
+    finish(driver(tmp_path, "--steps", "7"))
+    lines = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    train = [l for l in lines if l["kind"] == "train"]
+    assert [l["step"] for l in train] == list(range(1, 8))
+    assert {"loss", "lr", "grad_norm", "tokens_per_second"} <= set(train[0])
+    assert any(l["kind"] == "epoch" and "valid_perplexity" in l for l in lines)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    single = finish(driver(tmp_path / "one", "--dropout", "0"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+           str(DRIVER), str(tmp_path / "two"), "--steps", str(STEPS), "--dropout", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1, "only rank 0 reports"
+    two = json.loads(lines[0])
+    assert two["test_tokens"] == single["test_tokens"]
+    assert two["valid_tokens"] == single["valid_tokens"]
+    assert two["step_losses"] == pytest.approx(single["step_losses"], rel=1e-4)
+    assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
+    # rank 0 alone wrote the log and the checkpoints
+    assert len((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()) == \
+        len((tmp_path / "one" / "train_log.jsonl").read_text().splitlines())

@@ -1,0 +1,64 @@
+"""Runs one small training through the engine in its own process, for the durability tests.
+
+    python tests/train_driver.py RUN_DIR [--resume] [--steps N] [--checkpoint-every K]
+
+Prints the outcome as one JSON line. Launched under torchrun it trains with DDP.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import make_corpus  # noqa: E402
+
+from bkbench.config import BenchmarkConfig  # noqa: E402
+from bkbench.models import build_model  # noqa: E402
+from bkbench.train import Trainer, TrainingInterrupted, init_distributed, seed_everything  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--checkpoint-every", type=int, default=3)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--d-model", type=int, default=16)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    distributed = init_distributed("cpu")
+    corpus = make_corpus(n_train=6000)
+    config = BenchmarkConfig(
+        model_name="transformer_driver", d_model=args.d_model, n_layers=1, n_heads=2, n_seq=16,
+        batch_size=8, epochs=0, max_steps=args.steps, lr=3e-3, warmup_steps=2,
+        eval_batch_size=16, seed=args.seed, dropout=args.dropout,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=2).validate()
+    seed_everything(config.seed)
+    model = build_model("transformer", len(corpus.vocab), **config.model_kwargs())
+    trainer = Trainer(config, model, corpus, torch.device("cpu"), run_dir=args.run_dir,
+                      resume=args.resume, data_fingerprint={"corpus": "synthetic"},
+                      progress=False)
+    try:
+        out = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
+    if not distributed or torch.distributed.get_rank() == 0:
+        print(json.dumps({"step_losses": out.step_losses, "valid_loss": out.valid.loss,
+                          "test_loss": out.test.loss, "test_tokens": out.test.num_tokens,
+                          "valid_tokens": out.valid.num_tokens, "epoch_losses": out.epoch_losses,
+                          "steps": out.steps, "resumed_from_step": out.resumed_from_step}))
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
