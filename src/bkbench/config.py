@@ -139,7 +139,8 @@ class BenchmarkConfig:
         return dict(common, num_experts=self.num_experts, top_k=self.top_k,
                     bk_heads=self.bk_heads, bk_mode=self.bk_mode, v_max=self.v_max,
                     bk_h0=self.bk_h0, bk_t=self.bk_t, bk_energy=self.bk_energy,
-                    bk_eps=self.bk_eps, analytic_gradient=self.use_analytic_gradient)
+                    bk_eps=self.bk_eps, moe_balance_weight=self.moe_balance_weight,
+                    analytic_gradient=self.use_analytic_gradient)
 
     def enabled_flags(self) -> list[str]:
         return [name for name in OPTIMIZATION_FLAGS if getattr(self, name)]

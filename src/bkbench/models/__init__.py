@@ -5,27 +5,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import torch.nn as nn
-
 from .common import LanguageModel
+from .resnet_bk import ResNetBKConfig, ResNetBKLM
 from .transformer import TransformerConfig, TransformerLM
 
-
-def _registry() -> dict[str, tuple[type, Callable[[Any], LanguageModel]]]:
-    models: dict[str, tuple[type, Callable[[Any], LanguageModel]]] = {
-        "transformer": (TransformerConfig, TransformerLM),
-    }
-    try:
-        from .resnet_bk import ResNetBKConfig, ResNetBKLM
-    except ImportError:  # the ResNet-BK model lands in its own change
-        pass
-    else:
-        models["resnet_bk"] = (ResNetBKConfig, ResNetBKLM)
-    return models
+MODELS: dict[str, tuple[type, Callable[[Any], LanguageModel]]] = {
+    "transformer": (TransformerConfig, TransformerLM),
+    "resnet_bk": (ResNetBKConfig, ResNetBKLM),
+}
 
 
 def available_models() -> list[str]:
-    return list(_registry())
+    return list(MODELS)
 
 
 def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
@@ -33,10 +24,9 @@ def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
 
     Unknown config keys are an error rather than silently ignored.
     """
-    models = _registry()
-    if name not in models:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(models)}")
-    config_cls, model_cls = models[name]
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    config_cls, model_cls = MODELS[name]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -46,4 +36,5 @@ def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
     return model_cls(config_cls(vocab_size=vocab_size, **config))
 
 
-__all__ = ["build_model", "available_models", "LanguageModel", "TransformerConfig", "TransformerLM"]
+__all__ = ["build_model", "available_models", "LanguageModel", "TransformerConfig", "TransformerLM",
+           "ResNetBKConfig", "ResNetBKLM"]

@@ -50,6 +50,17 @@ EXPERT_ROW_MULTIPLE = 16
 
 @dataclass
 class ResNetBKConfig:
+    """ResNet-BK model configuration (the BenchmarkConfig fields of the same names feed it).
+
+    Initialization: every Linear and Embedding weight ~ N(0, 0.02), biases 0, as in the
+    Transformer baseline; t = bk_t, E = bk_energy and eps = bk_eps for every head (the
+    published h0 = -2, t = 1, z = i by default; heads differ through their rows of the v
+    projection). ``bk_scale_init = 1.0`` makes bk_scale a per-channel gain that starts as the
+    identity: the small-initialized Linear(2K, d) already sets the initial size of the BK term,
+    and starting the gain near 0 as well would make the term a product of two small factors,
+    each receiving a gradient proportional to the other, so both would learn slowly.
+    """
+
     vocab_size: int
     d_model: int = 64
     n_layers: int = 4
@@ -147,7 +158,8 @@ class MoEFeedForward(nn.Module):
             if pad:
                 xe = F.pad(xe, (0, 0, 0, pad))
             ye = expert(xe)[:n] * weights[token, slot].unsqueeze(-1)
-            out.index_add_(0, token, ye)   # a token receives its experts in index order
+            # a token receives its experts in index order; under autocast ye may be half precision
+            out.index_add_(0, token, ye.to(out.dtype))
 
         self.last_counts = counts.detach()
         self.last_indices = top_idx.detach()
