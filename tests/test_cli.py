@@ -3,12 +3,18 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bkbench.cli import main
 from bkbench.config import ConfigError, build_run_configs
+
+
+def exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
 
 
 def run_cli(*args, cwd=None):
@@ -30,9 +36,7 @@ def run_cli(*args, cwd=None):
 ])
 def test_bad_values_exit_2_with_one_line(args, message, tmp_path, capsys):
     out_dir = tmp_path / "results"
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--preset", "smoke", "--output-dir", str(out_dir), *args])
-    assert exc.value.code == 2
+    assert exit_code(["run", "--preset", "smoke", "--output-dir", str(out_dir), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1 or err.startswith("usage:")
@@ -42,24 +46,18 @@ def test_bad_values_exit_2_with_one_line(args, message, tmp_path, capsys):
 def test_unknown_field_in_yaml_is_named_with_a_suggestion(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("d_modle: 32\n")
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "o")])
-    assert exc.value.code == 2
+    assert exit_code(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "o")]) == 2
     assert "did you mean 'd_model'" in capsys.readouterr().err
 
 
 def test_missing_config_file(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--config", str(tmp_path / "nope.yaml")])
-    assert exc.value.code == 2
+    assert exit_code(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_official_scheme_without_train_split_points_to_proxy(shared_data_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
-              "--output-dir", str(tmp_path / "o")])
-    assert exc.value.code == 2
+    assert exit_code(["run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
+              "--output-dir", str(tmp_path / "o")]) == 2
     assert "--split-scheme proxy" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -69,8 +67,7 @@ def test_existing_results_untouched_by_a_bad_invocation(tmp_path):
     out.mkdir()
     existing = out / "transformer_baseline_results.json"
     existing.write_text('{"kept": true}')
-    with pytest.raises(SystemExit):
-        main(["run", "--output-dir", str(out), "--n-seq", "-1"])
+    assert exit_code(["run", "--output-dir", str(out), "--n-seq", "-1"]) == 2
     assert existing.read_text() == '{"kept": true}'
 
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bkbench.checkpoint import list_checkpoints, load_latest_checkpoint
 

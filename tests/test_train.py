@@ -1,6 +1,5 @@
 """The training engine: determinism, learning, budgets, NaN detection, checkpoints."""
 
-import math
 
 import pytest
 import torch

@@ -1,7 +1,9 @@
 """The seed's API: ``WikiText2Benchmark(output_dir).run_benchmark(config) -> BenchmarkResults``.
 
 Orchestrates one run end to end: data, model, causality audit, training, held-out evaluation,
-cost measurements, and an atomically written results file. Files of a run:
+cost measurements (FLOPs by counter, peak memory, size), and an atomically written results
+file. ``run_all(..., isolate=True)`` runs each run in a child process of its own, so that its
+peak memory and its state are not polluted by the runs before it. Files of a run:
 
 - ``<output_dir>/<model_name>_results.json``   the results (complete or absent);
 - ``<output_dir>/runs/<model_name>/train_log.jsonl``  one line per step and per epoch;
@@ -11,15 +13,26 @@ cost measurements, and an atomically written results file. Files of a run:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import json
 import logging
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .config import BenchmarkConfig
+from .audit import audit_causality, format_audit
+from .compare import compare_results, write_seed_comparisons
+from .config import BenchmarkConfig, ConfigError
 from .data import load_wikitext2
+from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
+from .metrics.memory import PeakMemory
 from .models import build_model
 from .results import BenchmarkResults, environment
 from .train import Trainer, resolve_device, seed_everything
@@ -38,6 +51,30 @@ def model_size_bytes(model: torch.nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+class NonCausalModelError(ConfigError):
+    """The model failed the causality audit and --allow-noncausal was not given."""
+
+
+class RunFailedError(RuntimeError):
+    """An isolated run's child process failed; ``exit_code`` is its exit status."""
+
+    def __init__(self, model_name: str, exit_code: int):
+        super().__init__(f"run {model_name} failed (exit code {exit_code}); see its messages above")
+        self.model_name = model_name
+        self.exit_code = exit_code
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS so that a peak-RSS baseline means what it says."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 class WikiText2Benchmark:
@@ -86,18 +123,36 @@ class WikiText2Benchmark:
                              results_path)
                     return done
 
-        model = self.build(config, len(data.vocab))
+        vocab_size = len(data.vocab)
         is_main = not dist.is_initialized() or dist.get_rank() == 0
-        if dist.is_initialized():  # distinct dropout masks per rank, same weights (seeded above)
-            torch.manual_seed(config.seed + dist.get_rank())
+        _release_freed_memory()
+        with PeakMemory(device) as memory:
+            model = self.build(config, vocab_size).to(device)
+            audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
+            if is_main:
+                log.info("%s causality audit: %s", config.model_name, format_audit(audit))
+            if not audit.causal and not config.allow_noncausal:
+                raise NonCausalModelError(
+                    f"{config.model_name}: the model is not causal (largest change of an earlier "
+                    f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
+                    "not be trained as one. Pass --allow-noncausal to train it anyway (its "
+                    "perplexities are then marked invalid).")
+            if dist.is_initialized():  # distinct dropout masks per rank, same weights
+                torch.manual_seed(config.seed + dist.get_rank())
+            fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
+                           "tokenizer": config.tokenizer, "checksums": data.checksums}
+            trainer = Trainer(config, model, data, device,
+                              run_dir=self.run_dir(config.model_name), resume=resume,
+                              data_fingerprint=fingerprint, progress=self.progress)
+            outcome = trainer.fit()
 
-        fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
-                       "tokenizer": config.tokenizer, "checksums": data.checksums}
-        trainer = Trainer(config, model, data, device, run_dir=self.run_dir(config.model_name),
-                          resume=resume, data_fingerprint=fingerprint,
-                          progress=self.progress)
-        outcome = trainer.fit()
-
+        step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
+                                        device=device, optimizer=trainer.optimizer,
+                                        seed=config.seed)
+        eval_flops = measure_forward_flops(model, config.eval_batch_size, config.n_seq,
+                                           vocab_size, device=device, seed=config.seed)
+        evaluated = (outcome.valid.num_tokens * len(outcome.epoch_perplexities)
+                     + outcome.test.num_tokens)
         params = model.num_parameters()
         results = BenchmarkResults(
             model_name=config.model_name,
@@ -126,8 +181,14 @@ class WikiText2Benchmark:
             parameter_breakdown=model.parameter_breakdown(),
             model_size_mb=model_size_bytes(model) / 2**20,
             data=data.to_dict(),
+            peak_memory_mb=memory.increase_bytes / 2**20,
+            memory=memory.to_dict(),
+            causality=audit.to_dict(),
+            perplexity_valid_for_lm=audit.causal,
             seed=config.seed,
             environment=environment(device),
+            **flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
+                                  eval_tokens=evaluated),
         )
         if is_main:
             results.save(results_path)
@@ -135,5 +196,37 @@ class WikiText2Benchmark:
                      results.test_perplexity, results.test_tokens, results_path)
         return results
 
-    def run_all(self, configs: list[BenchmarkConfig], resume: bool = False) -> list[BenchmarkResults]:
-        return [self.run_benchmark(c, resume=resume) for c in configs]
+    def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,
+                isolate: bool = False) -> list[BenchmarkResults]:
+        """Run each config; with ``isolate`` each in a child process of its own."""
+        if not isolate:
+            return [self.run_benchmark(c, resume=resume) for c in configs]
+        return [self._run_isolated(c, resume) for c in configs]
+
+    def _run_isolated(self, config: BenchmarkConfig, resume: bool) -> BenchmarkResults:
+        payload = json.dumps({"config": config.to_dict(), "output_dir": str(self.output_dir),
+                              "resume": resume, "progress": self.progress})
+        child = subprocess.Popen([sys.executable, "-m", "bkbench.worker", payload])
+        # Ctrl-C reaches the child directly (same process group); forward SIGTERM so that the
+        # child checkpoints, and wait for it either way
+        forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if code != 0:
+            raise RunFailedError(config.model_name, code)
+        return BenchmarkResults.load(self.results_path(config.model_name))
+
+    # --- comparisons -----------------------------------------------------------------------
+
+    @staticmethod
+    def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
+        """Ratios a/b of held-out perplexity, FLOPs, time, memory and size (see bkbench.compare)."""
+        return compare_results(a, b)
+
+    def write_comparisons(self, results: list[BenchmarkResults], echo: bool = False) -> list[Path]:
+        """The seed's three comparisons, for the pairs present in ``results``."""
+        return write_seed_comparisons(self.output_dir, results, echo=echo)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from . import __version__
 from .config import PRESETS, BenchmarkConfig, ConfigError, build_run_configs, load_yaml
 from .data import DataError
+from .summary import print_summary
 from .train import (CheckpointMismatchError, TrainingDivergedError, TrainingInterrupted,
                     init_distributed)
 
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="train and evaluate the benchmark's models",
+    run = sub.add_parser("run", help="train and evaluate the benchmark's models, write the report",
                          description="Train and evaluate each run of the benchmark "
                                      "(transformer_baseline, resnet_bk_baseline, resnet_bk_full) "
                                      "and write one results JSON per run.")
@@ -123,12 +124,49 @@ def build_parser() -> argparse.ArgumentParser:
                           "runs whose results are complete")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_fields(run)
+
+    audit = sub.add_parser(
+        "audit", help="check that each model's logits depend on no later token",
+        description="Build each run's model (no data, no training), change one token at a time "
+                    "at several positions of random sequences, and report the largest change of "
+                    "any logit at an earlier position, in eval and train mode. Exit code 1 if "
+                    "any model is not causal.")
+    audit.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                       help="starting values (default: %(default)s)")
+    audit.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML config file")
+    audit.add_argument("--models", metavar="A,B", help="comma-separated subset of the runs")
+    audit.add_argument("--vocab-size", type=int, default=33278,
+                       help="vocabulary of the audited models (default: %(default)s, WikiText-2)")
+    audit.add_argument("--sequences", type=int, default=2,
+                       help="random sequences per perturbed position (default: %(default)s)")
+    _add_config_fields(audit)
+
+    report = sub.add_parser("report", help="rebuild report.md/html and plots from a results folder",
+                            description="Rebuild the plots, report.md, report.html and the claims "
+                                        "audit from the JSON files of a results folder alone.")
+    report.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
     return parser
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .benchmark import WikiText2Benchmark
+def failure_exit_code(exc: BaseException) -> int | None:
+    """Print the one-line message for an expected failure and return its exit code.
 
+    Bad input (config, data, checkpoint of another run, a non-causal model): 2. A diverged
+    run: 1. An interrupted run (checkpoint written): 128 + the signal. None: not expected.
+    """
+    if isinstance(exc, (ConfigError, DataError, CheckpointMismatchError)):
+        print(f"bkbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, TrainingDivergedError):
+        print(f"bkbench: error: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(exc, TrainingInterrupted):
+        print(f"bkbench: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    return None
+
+
+def _configs_from_args(args: argparse.Namespace) -> list[BenchmarkConfig]:
     file_values = load_yaml(args.config) if args.config else {}
     overrides = {k: v for k, v in vars(args).items()
                  if k in {f.name for f in dataclasses.fields(BenchmarkConfig)}}
@@ -136,8 +174,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if overrides.get(name) is None:
             overrides.pop(name, None)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    configs = build_run_configs(args.preset, file_values, overrides, models)
+    return build_run_configs(args.preset, file_values, overrides, models)
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .benchmark import RunFailedError, WikiText2Benchmark
+    from .report import build_report, format_claims, audit_claims
+
+    configs = _configs_from_args(args)
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
     bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet and is_main)
@@ -145,20 +189,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for config in configs:
         bench.load_data(config)
     try:
-        results = bench.run_all(configs, resume=args.resume)
-    except TrainingInterrupted as exc:
-        print(f"bkbench: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except TrainingDivergedError as exc:
-        print(f"bkbench: error: {exc}", file=sys.stderr)
-        return 1
+        # one child process per run isolates its peak memory; under torchrun, run in place
+        results = bench.run_all(configs, resume=args.resume, isolate=not distributed)
+    except RunFailedError as exc:
+        return exc.exit_code
+    except (TrainingInterrupted, TrainingDivergedError) as exc:
+        return failure_exit_code(exc)
     finally:
         if distributed:
             dist.destroy_process_group()
     if is_main:
-        from .summary import print_summary
         print_summary(results)
+        print()
+        bench.write_comparisons(results, echo=True)
+        paths = build_report(args.output_dir)
+        print("Claims audit\n" + format_claims(audit_claims({r.model_name: r for r in results})))
+        print(f"\nreport: {paths['report_md']} and {paths['report_html']}")
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_causality, format_audit
+    from .models import build_model
+    from .train import seed_everything
+
+    configs = _configs_from_args(args)
+    all_causal = True
+    for config in configs:
+        seed_everything(config.seed)
+        model = build_model(config.architecture, args.vocab_size, **config.model_kwargs())
+        audit = audit_causality(model, args.vocab_size, seq_len=config.n_seq,
+                                num_sequences=args.sequences, seed=config.seed)
+        all_causal &= audit.causal
+        print(f"{config.model_name}: {format_audit(audit)}")
+    return 0 if all_causal else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_main
+    return report_main(str(args.results_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,13 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    commands = {"run": _cmd_run, "audit": _cmd_audit, "report": _cmd_report}
     try:
-        if args.command == "run":
-            return _cmd_run(args)
+        return commands[args.command](args)
     except (ConfigError, DataError, CheckpointMismatchError) as exc:
-        parser.exit(EXIT_USAGE, f"bkbench: error: {exc}\n")
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE
+        return failure_exit_code(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,12 +53,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from .atomic import write_bytes_atomic
 
 __all__ = [
     "SPLIT_SCHEMES", "VARIANTS", "TOKENIZERS", "EOS", "UNK", "DataError", "KnownFile",
@@ -474,23 +475,6 @@ def _hf_download_text(split: str, variant: str) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _locate(variant: str, scheme: str, data_dir: str | os.PathLike | None,
             cache_dir: str | os.PathLike | None, download: bool
             ) -> tuple[Path, str, dict[str, tuple[str, list[str]]]]:
@@ -557,7 +541,7 @@ def _locate(variant: str, scheme: str, data_dir: str | os.PathLike | None,
         content[split] = _verify_bytes(
             data, name, where, "It was not saved; report this (the Hub copy may have changed), "
             "and meanwhile supply verified files with --data-dir.")
-        _write_atomic(cache / name, data)
+        write_bytes_atomic(cache / name, data)
     return cache, "download", content
 
 

@@ -16,12 +16,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -97,24 +98,6 @@ class BenchmarkResults:
     @classmethod
     def load(cls, path: str | Path) -> "BenchmarkResults":
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON so that ``path`` is either the old file or the complete new one, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _cpu_model() -> str:

@@ -1,0 +1,33 @@
+"""Child-process entry point of one isolated run (``WikiText2Benchmark.run_all(isolate=True)``).
+
+    python -m bkbench.worker '{"config": {...}, "output_dir": "...", "resume": false, "progress": true}'
+
+Exit codes as the CLI's: 0 done, 1 diverged, 2 bad input, 128+N interrupted by signal N.
+"""
+
+import json
+import logging
+import sys
+
+from .benchmark import WikiText2Benchmark
+from .cli import failure_exit_code
+from .config import BenchmarkConfig
+
+
+def main(payload: str) -> int:
+    request = json.loads(payload)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bench = WikiText2Benchmark(request["output_dir"], progress=request["progress"])
+    try:
+        config = BenchmarkConfig.from_dict(request["config"]).validate()
+        bench.run_benchmark(config, resume=request["resume"])
+    except Exception as exc:
+        code = failure_exit_code(exc)
+        if code is None:
+            raise
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,209 @@
+"""Comparisons, the claims audit and the report, from hand-made results files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from bkbench.compare import (compare_results, format_comparison, write_comparison,
+                             write_seed_comparisons)
+from bkbench.report import audit_claims, build_report, report_main
+from bkbench.results import BenchmarkResults
+
+COMPONENTS = ("embedding", "mixer", "feed_forward", "lm_head", "loss", "other")
+
+
+def _flops(fwd: float, bwd: float, opt: float, steps: int) -> dict:
+    share = {"embedding": 0, "mixer": 0.1, "feed_forward": 0.2, "lm_head": 0.7, "loss": 0,
+             "other": 0}
+    f = {k: int(fwd * v) for k, v in share.items()}
+    b = {k: int(bwd * v) for k, v in share.items()}
+    f["lm_head"] += int(fwd) - sum(f.values())
+    b["lm_head"] += int(bwd) - sum(b.values())
+    by = {k: steps * (f[k] + b[k]) for k in COMPONENTS}
+    by["optimizer"] = steps * int(opt)
+    return {"forward_by_component": f, "backward_by_component": b,
+            "optimizer_by_component": {"lm_head": int(opt)},
+            "training": {"steps": steps, "by_component": by,
+                         "total": steps * int(fwd + bwd + opt)},
+            "uncounted": {"total": int(0.05 * (fwd + bwd)), "fraction_of_counted": 0.05,
+                          "forward": {"softmax": int(0.03 * fwd)},
+                          "backward": {"softmax": int(0.02 * bwd)},
+                          "explanation": "elementwise ops are not counted"},
+            "analytic": {"architecture": "transformer", "forward": fwd, "backward": bwd,
+                         "forward_rel_diff": 0.0, "backward_rel_diff": 0.0, "notes": "mm"},
+            "optimizer_name": "adamw", "optimizer_flops_per_parameter": 17,
+            "num_parameters": 1000, "optimizer_explanation": "AdamW 14 + clipping 3",
+            "notes": []}
+
+
+def make_result(name: str, *, ppl: float, fwd: float, bwd: float, tps: float, mem: float,
+                n_seq: int = 2048, scheme: str = "official", analytic: bool = False,
+                causal: bool | None = True) -> BenchmarkResults:
+    arch = "transformer" if name.startswith("transformer") else "resnet_bk"
+    steps = 100
+    config = {"model_name": name, "architecture": arch, "d_model": 64, "n_layers": 4,
+              "n_seq": n_seq, "batch_size": 32, "variant": "tokens", "split_scheme": scheme,
+              "tokenizer": "word", "use_analytic_gradient": analytic, "epochs": 3}
+    opt = 1e7
+    return BenchmarkResults(
+        model_name=name, config=config, final_loss=1.0, final_perplexity=ppl,
+        best_perplexity=ppl * 0.95, test_loss=1.0, test_perplexity=ppl,
+        test_bits_per_token=6.0, test_tokens=245_569, valid_loss=1.0,
+        valid_perplexity=ppl * 0.95, valid_bits_per_token=6.0, valid_tokens=217_646,
+        best_epoch=2, training_time=1e6 / tps, total_tokens=1_000_000, steps=steps,
+        tokens_per_second=tps, epoch_losses=[6.0, 5.5, 5.2],
+        epoch_perplexities=[ppl * 1.5, ppl * 1.1, ppl * 0.95], epoch_times=[10.0, 9.5, 9.7],
+        eval_time=3.0, num_parameters=4_000_000,
+        parameter_breakdown={"embedding": 2_000_000, "lm_head": 2_000_000},
+        model_size_mb=16.0,
+        data={"dataset": "wikitext-2", "scheme": scheme, "variant": "tokens",
+              "num_tokens": {"test": 245_569}, "checksums": {"wiki.test.tokens": "abc123"}},
+        forward_flops=int(fwd), backward_flops=int(bwd), optimizer_flops=int(opt),
+        total_flops=steps * int(fwd + bwd + opt), flops=_flops(fwd, bwd, opt, steps),
+        peak_memory_mb=mem,
+        memory={"method": "cpu peak RSS above baseline", "peak_bytes": int(mem * 2**20)},
+        causality=None if causal is None else {"causal": causal, "max_leak": 0.0},
+        perplexity_valid_for_lm=causal is not False,
+        environment={"device": "cpu", "cpu_model": "test cpu", "torch_version": "2.x"})
+
+
+def passing_set(**overrides) -> dict[str, BenchmarkResults]:
+    tf = make_result("transformer_baseline", ppl=100.0, fwd=1e12, bwd=2e12, tps=1000, mem=1000)
+    kw = dict(ppl=120.0, fwd=5e10, bwd=2.5e10, tps=6000, mem=600, analytic=True)
+    kw.update(overrides)
+    bk = make_result("resnet_bk_full", **kw)
+    base = make_result("resnet_bk_baseline", ppl=125.0, fwd=6e10, bwd=1e11, tps=4000, mem=700)
+    return {r.model_name: r for r in (tf, base, bk)}
+
+
+def verdicts(results) -> dict[str, str]:
+    return {c.name: c.verdict for c in audit_claims(results)}
+
+
+def test_all_claims_pass_when_met():
+    assert verdicts(passing_set()) == {n: "PASS" for n in (
+        "perplexity", "forward_flops", "backward_flops", "training_time", "peak_memory")}
+
+
+def test_all_claims_fail_when_missed():
+    results = passing_set(ppl=140.0, fwd=2e11, bwd=1e11, tps=2000, mem=950)
+    assert set(verdicts(results).values()) == {"FAIL"}
+    claims = {c.name: c for c in audit_claims(results)}
+    assert claims["perplexity"].value == pytest.approx(1.4)
+    assert claims["forward_flops"].value == pytest.approx(5.0)
+
+
+def test_boundaries():
+    v = verdicts(passing_set(ppl=130.0, fwd=1e11, bwd=4e10, tps=5000, mem=700))
+    assert v == {n: "PASS" for n in v}      # 30%, 10x, 50x, 5x, 30% exactly
+    v = verdicts(passing_set(ppl=130.1, fwd=1.01e11, bwd=4.01e10, tps=4990, mem=701))
+    assert v == {n: "FAIL" for n in v}
+
+
+def test_short_sequences_make_time_and_memory_untestable():
+    tf = make_result("transformer_baseline", ppl=100, fwd=1e12, bwd=2e12, tps=1000, mem=1000,
+                     n_seq=128)
+    bk = make_result("resnet_bk_full", ppl=110, fwd=5e10, bwd=2e10, tps=9000, mem=100,
+                     n_seq=128, analytic=True)
+    claims = {c.name: c for c in audit_claims({r.model_name: r for r in (tf, bk)})}
+    assert claims["training_time"].verdict == "UNTESTABLE"
+    assert claims["peak_memory"].verdict == "UNTESTABLE"
+    assert "2048" in claims["training_time"].reason and "128" in claims["training_time"].reason
+    assert "9.00x" in claims["training_time"].measured       # still reported
+    assert claims["perplexity"].verdict == "PASS"
+
+
+def test_backward_claim_needs_the_analytic_gradient():
+    claims = {c.name: c for c in audit_claims(passing_set(analytic=False))}
+    assert claims["backward_flops"].verdict == "UNTESTABLE"
+    assert "use_analytic_gradient" in claims["backward_flops"].reason
+
+
+def test_causality_governs_the_perplexity_claim():
+    assert verdicts(passing_set(causal=False))["perplexity"] == "FAIL"
+    assert verdicts(passing_set(causal=None))["perplexity"] == "UNTESTABLE"
+    results = passing_set()
+    results["transformer_baseline"].causality = {"causal": False}
+    assert verdicts(results)["perplexity"] == "UNTESTABLE"
+
+
+def test_missing_runs_or_measurements_are_untestable():
+    results = passing_set()
+    del results["resnet_bk_full"]
+    assert set(verdicts(results).values()) == {"UNTESTABLE"}
+    results = passing_set()
+    results["resnet_bk_full"].forward_flops = None
+    results["resnet_bk_full"].peak_memory_mb = None
+    v = verdicts(results)
+    assert v["forward_flops"] == "UNTESTABLE" and v["peak_memory"] == "UNTESTABLE"
+    results = passing_set()
+    results["resnet_bk_full"].config["d_model"] = 128
+    assert set(verdicts(results).values()) == {"UNTESTABLE"}
+    results = passing_set()
+    results["resnet_bk_full"].environment["device"] = "cuda:0"
+    v = verdicts(results)
+    assert v["training_time"] == "UNTESTABLE" and v["forward_flops"] == "PASS"
+
+
+def test_compare_results_ratios_and_nulls(tmp_path):
+    results = passing_set()
+    a, b = results["transformer_baseline"], results["resnet_bk_full"]
+    d = compare_results(a, b)
+    m = d["metrics"]
+    assert m["forward_flops"]["ratio"] == pytest.approx(20.0)
+    assert m["test_perplexity"]["ratio"] == pytest.approx(100 / 120)
+    assert m["tokens_per_second"]["ratio"] == pytest.approx(1000 / 6000)
+    assert m["peak_memory_mb"]["ratio"] == pytest.approx(1000 / 600)
+    assert d["parameters"] == {a.model_name: a.num_parameters, b.model_name: b.num_parameters}
+    b2 = copy.deepcopy(b)
+    b2.peak_memory_mb = None
+    b2.backward_flops = None
+    m2 = compare_results(a, b2)["metrics"]
+    assert m2["peak_memory_mb"]["ratio"] is None and m2["backward_flops"]["ratio"] is None
+    assert m2["step_flops"]["ratio"] is None
+    text = format_comparison(d)
+    assert "transformer_baseline vs resnet_bk_full" in text and "n/a" not in text
+    assert "n/a" in format_comparison(compare_results(a, b2))
+    path = write_comparison(tmp_path, a, b)
+    assert path.name == "comparison_transformer_baseline_vs_resnet_bk_full.json"
+    assert json.loads(path.read_text())["metrics"]["forward_flops"]["ratio"] == pytest.approx(20)
+    assert len(write_seed_comparisons(tmp_path, results)) == 3
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    results = passing_set()
+    for r in results.values():
+        r.config["split_scheme"] = "proxy"
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    write_seed_comparisons(tmp_path, results)
+    return tmp_path
+
+
+def test_report_from_json_files(results_dir, capsys):
+    paths = build_report(results_dir)
+    for key in ("training_curves", "flops_breakdown", "report_md", "report_html"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    for png in ("training_curves.png", "flops_breakdown.png"):
+        assert (results_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (results_dir / "report.md").read_text()
+    for text in ("PROXY", "Claims audit", "PASS", "abc123", "training_curves.png",
+                 "resnet_bk_full", "Causality audit", "Not counted"):
+        assert text in md, text
+    page = (results_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "<img src=\"training_curves.png\"" not in page      # self-contained
+    assert "PROXY" in page and 'class="pass"' in page
+    assert report_main(str(results_dir)) == 0
+    out = capsys.readouterr().out
+    assert "report.html" in out and "Claims audit" in out
+
+
+def test_report_main_errors(tmp_path, capsys):
+    assert report_main(str(tmp_path / "nope")) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert report_main(str(tmp_path)) != 0
+    assert "no readable" in capsys.readouterr().err
