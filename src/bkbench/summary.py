@@ -38,8 +38,9 @@ def format_table(rows: list[dict[str, str]]) -> str:
 def print_summary(results: Iterable[BenchmarkResults]) -> None:
     results = list(results)
     if results:
-        scheme = results[0].config.get("split_scheme")
-        print(f"\nWikiText-2 ({scheme} split scheme"
+        cfg = results[0].config
+        scheme, unit = cfg.get("split_scheme"), "byte" if cfg.get("tokenizer") == "byte" else "word"
+        print(f"\nWikiText-2, {cfg.get('variant')} form, perplexity per {unit} ({scheme} split scheme"
               + (": PROXY data, not comparable to official numbers" if scheme == "proxy" else "")
               + ")")
     print(format_table(summary_rows(results)))
