@@ -123,3 +123,30 @@ def test_smoke_run_writes_results_with_held_out_numbers(shared_data_dir, tmp_pat
     assert again.returncode == 0, again.stderr
     assert "skipping" in again.stderr
     assert (out / "transformer_baseline_results.json").stat().st_mtime_ns == before
+
+
+def test_audit_command_exit_code_says_whether_every_model_is_causal(capsys):
+    small = ["--preset", "smoke", "--vocab-size", "50", "--d-model", "16"]
+    assert main(["audit", *small]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CAUSAL: max leak 0.0") == 3
+    assert main(["audit", *small, "--models", "resnet_bk_full", "--bk-mode", "bidirectional"]) == 1
+    assert "resnet_bk_full: NOT CAUSAL" in capsys.readouterr().out
+
+
+def test_noncausal_model_is_refused_unless_allowed(shared_data_dir, tmp_path):
+    out = tmp_path / "results"
+    common = ["run", "--preset", "smoke", "--data-dir", str(shared_data_dir), "--split-scheme",
+              "proxy", "--models", "resnet_bk_baseline", "--bk-mode", "bidirectional",
+              "--output-dir", str(out), "--max-steps", "2", "--quiet"]
+    refused = run_cli(*common)
+    assert refused.returncode == 2
+    assert "not causal" in refused.stderr and "--allow-noncausal" in refused.stderr
+    assert not (out / "resnet_bk_baseline_results.json").exists()
+
+    allowed = run_cli(*common, "--allow-noncausal")
+    assert allowed.returncode == 0, allowed.stderr
+    res = json.loads((out / "resnet_bk_baseline_results.json").read_text())
+    assert res["perplexity_valid_for_lm"] is False
+    assert res["causality"]["causal"] is False and res["causality"]["max_leak"] > 0
+    assert "NO" in allowed.stdout  # the summary's causal column

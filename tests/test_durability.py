@@ -99,6 +99,9 @@ def test_log_has_one_line_per_step_and_epoch(reference, tmp_path):
     assert [l["step"] for l in train] == list(range(1, 8))
     assert {"loss", "lr", "grad_norm", "tokens_per_second"} <= set(train[0])
     assert any(l["kind"] == "epoch" and "valid_perplexity" in l for l in lines)
+    ckpts = [l for l in lines if l["kind"] == "checkpoint"]
+    assert [l["step"] for l in ckpts] == [3, 6, 7]  # every 3 steps, and at the epoch end
+    assert all(l["seconds"] > 0 and l["bytes"] > 10_000 for l in ckpts)
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

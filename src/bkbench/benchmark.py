@@ -177,6 +177,8 @@ class WikiText2Benchmark:
             epoch_perplexities=outcome.epoch_perplexities,
             epoch_times=outcome.epoch_times,
             eval_time=outcome.eval_time,
+            checkpoint_time=outcome.checkpoint_time,
+            checkpoints_written=outcome.checkpoints_written,
             num_parameters=params,
             parameter_breakdown=model.parameter_breakdown(),
             model_size_mb=model_size_bytes(model) / 2**20,

@@ -16,7 +16,7 @@ from .atomic import write_json_atomic
 from .results import BenchmarkResults
 
 __all__ = ["compare_results", "format_comparison", "write_comparison", "write_seed_comparisons",
-           "comparison_path", "SEED_PAIRS", "COMPARED_METRICS"]
+           "comparison_path", "SEED_PAIRS", "COMPARED_METRICS", "as_finite", "causal_verdict"]
 
 # the three comparisons of the seed benchmark
 SEED_PAIRS = (("transformer_baseline", "resnet_bk_baseline"),
@@ -40,7 +40,8 @@ COMPARED_METRICS: dict[str, tuple[str, str, bool]] = {
 }
 
 
-def _finite(x: Any) -> float | None:
+def as_finite(x: Any) -> float | None:
+    """``x`` as a finite float, or None (missing, boolean, non-numeric, NaN or infinite)."""
     if x is None or isinstance(x, bool):
         return None
     try:
@@ -51,7 +52,7 @@ def _finite(x: Any) -> float | None:
 
 
 def _ratio(a: Any, b: Any) -> float | None:
-    a, b = _finite(a), _finite(b)
+    a, b = as_finite(a), as_finite(b)
     if a is None or b is None or b == 0:
         return None
     return a / b
@@ -59,7 +60,7 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 def _step_flops(r: BenchmarkResults) -> float | None:
     parts = [r.forward_flops, r.backward_flops, r.optimizer_flops]
-    if any(_finite(p) is None for p in parts):
+    if any(as_finite(p) is None for p in parts):
         return None
     return float(sum(parts))
 
@@ -70,7 +71,10 @@ def _value(r: BenchmarkResults, metric: str) -> Any:
     return getattr(r, metric, None)
 
 
-def _causal(r: BenchmarkResults) -> bool | None:
+def causal_verdict(r: BenchmarkResults) -> bool | None:
+    """True/False from the run's causality audit; None when it was not audited."""
+    if not r.perplexity_valid_for_lm:
+        return False
     if r.causality is None:
         return None
     return bool(r.causality.get("causal"))
@@ -92,10 +96,10 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
         notes.append("the runs scored different numbers of held-out tokens (different data or "
                      "tokenizer): perplexities are not comparable")
     for r in (a, b):
-        if not r.perplexity_valid_for_lm or _causal(r) is False:
+        if not r.perplexity_valid_for_lm or causal_verdict(r) is False:
             notes.append(f"{r.model_name} failed the causality audit: its perplexity is not a "
                          "valid language-model perplexity")
-        elif _causal(r) is None:
+        elif causal_verdict(r) is None:
             notes.append(f"{r.model_name} was not audited for causality")
     dev_a, dev_b = a.environment.get("device"), b.environment.get("device")
     if dev_a != dev_b:
@@ -108,7 +112,7 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
         "a": a.model_name, "b": b.model_name, "ratio": "a / b",
         "split_scheme": scheme_a if scheme_a == scheme_b else [scheme_a, scheme_b],
         "proxy": "proxy" in (scheme_a, scheme_b),
-        "causal": {a.model_name: _causal(a), b.model_name: _causal(b)},
+        "causal": {a.model_name: causal_verdict(a), b.model_name: causal_verdict(b)},
         "parameters": {a.model_name: a.num_parameters, b.model_name: b.num_parameters},
         "metrics": metrics,
         "notes": notes,
@@ -116,7 +120,7 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
 
 
 def _fmt(x: Any, unit: str = "") -> str:
-    x = _finite(x)
+    x = as_finite(x)
     if x is None:
         return "n/a"
     if unit == "FLOP":

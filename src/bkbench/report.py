@@ -29,7 +29,6 @@ import base64
 import html
 import io
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic
-from .compare import SEED_PAIRS, compare_results, format_comparison
+from .compare import SEED_PAIRS, as_finite, causal_verdict, compare_results, format_comparison
 from .results import BenchmarkResults
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
@@ -110,24 +109,6 @@ class Claim:
         return asdict(self)
 
 
-def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _causal(r: BenchmarkResults) -> bool | None:
-    if not r.perplexity_valid_for_lm:
-        return False
-    if r.causality is None:
-        return None
-    return bool(r.causality.get("causal"))
-
-
 def _same_device(a: BenchmarkResults, b: BenchmarkResults) -> tuple[bool, str]:
     keys = ("device", "cpu_model", "cuda_device")
     ea, eb = a.environment or {}, b.environment or {}
@@ -175,8 +156,8 @@ def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
 
     # 1. perplexity within 30%
     name, statement, cond = specs[0]
-    p_tf, p_bk = _num(tf.test_perplexity), _num(bk.test_perplexity)
-    c_tf, c_bk = _causal(tf), _causal(bk)
+    p_tf, p_bk = as_finite(tf.test_perplexity), as_finite(bk.test_perplexity)
+    c_tf, c_bk = causal_verdict(tf), causal_verdict(bk)
     if p_tf is None or p_bk is None or p_tf <= 0:
         claims.append(_claim(name, statement, cond, "n/a", "UNTESTABLE",
                              "test perplexity missing for a run"))
@@ -210,7 +191,7 @@ def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
     # 2, 3. FLOPs
     for (name, statement, cond), field, bound, upper in (
             (specs[1], "forward_flops", 10.0, None), (specs[2], "backward_flops", 50.0, 100.0)):
-        f_tf, f_bk = _num(getattr(tf, field)), _num(getattr(bk, field))
+        f_tf, f_bk = as_finite(getattr(tf, field)), as_finite(getattr(bk, field))
         if f_tf is None or f_bk is None or f_bk <= 0:
             claims.append(_claim(name, statement, cond, "n/a", "UNTESTABLE",
                                  f"{field} not measured for both runs"))
@@ -233,7 +214,7 @@ def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
 
     # 4. training time (throughput, warm-up excluded, so token budgets need not match)
     name, statement, cond = specs[3]
-    t_tf, t_bk = _num(tf.tokens_per_second), _num(bk.tokens_per_second)
+    t_tf, t_bk = as_finite(tf.tokens_per_second), as_finite(bk.tokens_per_second)
     same, why = _same_device(tf, bk)
     if t_tf is None or t_bk is None or t_tf <= 0:
         claims.append(_claim(name, statement, cond, "n/a", "UNTESTABLE",
@@ -258,7 +239,7 @@ def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
 
     # 5. peak memory
     name, statement, cond = specs[4]
-    m_tf, m_bk = _num(tf.peak_memory_mb), _num(bk.peak_memory_mb)
+    m_tf, m_bk = as_finite(tf.peak_memory_mb), as_finite(bk.peak_memory_mb)
     if m_tf is None or m_bk is None or m_tf <= 0:
         claims.append(_claim(name, statement, cond, "n/a", "UNTESTABLE",
                              "peak memory not measured for both runs"))
@@ -296,8 +277,8 @@ def _layer_ratio(tf: BenchmarkResults, bk: BenchmarkResults, phase: str) -> floa
     a, b = _components(tf, phase), _components(bk, phase)
     if not a or not b:
         return None
-    la = sum(_num(a.get(k)) or 0 for k in ("mixer", "feed_forward"))
-    lb = sum(_num(b.get(k)) or 0 for k in ("mixer", "feed_forward"))
+    la = sum(as_finite(a.get(k)) or 0 for k in ("mixer", "feed_forward"))
+    lb = sum(as_finite(b.get(k)) or 0 for k in ("mixer", "feed_forward"))
     return la / lb if lb > 0 else None
 
 
@@ -333,8 +314,8 @@ def _training_by_component(r: BenchmarkResults) -> dict[str, float] | None:
     training = flops.get("training") or {}
     by = training.get("by_component")
     if isinstance(by, dict) and by:
-        return {k: float(v) for k, v in by.items() if _num(v)}
-    total = _num(r.total_flops)
+        return {k: float(v) for k, v in by.items() if as_finite(v)}
+    total = as_finite(r.total_flops)
     return {"unattributed": total} if total else None
 
 
@@ -346,7 +327,7 @@ def _step_by_component(r: BenchmarkResults) -> dict[str, dict[str, float]] | Non
     return {"forward": {k: float(v) for k, v in fwd.items()},
             "backward": {k: float(v) for k, v in bwd.items()},
             "optimizer": {k: float(v) for k, v in opt.items()}
-            if opt else {"optimizer": float(_num(r.optimizer_flops) or 0)}}
+            if opt else {"optimizer": float(as_finite(r.optimizer_flops) or 0)}}
 
 
 def _proxy(results: dict[str, BenchmarkResults]) -> bool:
@@ -484,7 +465,7 @@ def plot_flops_breakdown(results: dict[str, BenchmarkResults], path: Path) -> Pa
         notes = []
         for n in names:
             unc = ((results[n].flops or {}).get("uncounted") or {}).get("fraction_of_counted")
-            if _num(unc) is not None:
+            if as_finite(unc) is not None:
                 notes.append(f"{n}: ~{100 * unc:.1f}%")
         if notes:
             ax_share.text(0, -0.2, "Not counted (elementwise, softmax, norms; estimate, % of "
@@ -621,7 +602,7 @@ class _Doc:
 # ------------------------------------------------------------------------------------------
 
 def _f(x: Any, spec: str = ".2f") -> str:
-    v = _num(x)
+    v = as_finite(x)
     return "n/a" if v is None else format(v, spec)
 
 
@@ -635,7 +616,7 @@ def _short(x: Any, limit: int = 90) -> str:
 
 
 def _causal_text(r: BenchmarkResults) -> str:
-    c = _causal(r)
+    c = causal_verdict(r)
     return "not audited" if c is None else ("causal" if c else "**NOT CAUSAL**")
 
 
@@ -742,10 +723,10 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
         fwd, bwd = fl.get("forward_by_component") or {}, fl.get("backward_by_component") or {}
         opt = fl.get("optimizer_by_component") or {}
         comps = [k for k in COMPONENT_ORDER if k in fwd or k in bwd or k in opt]
-        total_step = sum((_num(v) or 0) for d in (fwd, bwd, opt) for v in d.values()) or 1
+        total_step = sum((as_finite(v) or 0) for d in (fwd, bwd, opt) for v in d.values()) or 1
         rows = []
         for k in comps:
-            s = sum(_num(d.get(k)) or 0 for d in (fwd, bwd, opt))
+            s = sum(as_finite(d.get(k)) or 0 for d in (fwd, bwd, opt))
             rows.append([k, _e(fwd.get(k, 0)), _e(bwd.get(k, 0)), _e(opt.get(k, 0)),
                          f"{100 * s / total_step:.1f}%"])
         doc.table(["component", "forward / step", "backward / step", "optimizer / step",
@@ -818,7 +799,7 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
 
 
 def _pct(x: Any, signed: bool = True) -> str:
-    v = _num(x)
+    v = as_finite(x)
     if v is None:
         return "n/a"
     return f"{100 * v:+.3f}%" if signed else f"{100 * v:.1f}%"

@@ -73,6 +73,10 @@ class BenchmarkResults:
     peak_memory_mb: float | None = None
     memory: dict[str, Any] | None = None
 
+    # durability: seconds spent writing checkpoints (excluded from training_time)
+    checkpoint_time: float | None = None
+    checkpoints_written: int | None = None
+
     # causality audit of the model as built (bkbench.audit); null when not audited
     causality: dict[str, Any] | None = None
     perplexity_valid_for_lm: bool = True

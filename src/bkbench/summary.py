@@ -10,11 +10,12 @@ from .results import BenchmarkResults
 def summary_rows(results: Iterable[BenchmarkResults]) -> list[dict[str, str]]:
     rows = []
     for r in results:
+        flag = "" if r.perplexity_valid_for_lm else " (invalid: not causal)"
         rows.append({
             "run": r.model_name,
             "params": f"{r.num_parameters:,}",
-            "valid ppl": f"{r.valid_perplexity:.2f}",
-            "test ppl": f"{r.test_perplexity:.2f}",
+            "valid ppl": f"{r.valid_perplexity:.2f}{flag}",
+            "test ppl": f"{r.test_perplexity:.2f}{flag}",
             "test tokens": f"{r.test_tokens:,}",
             "train time (s)": f"{r.training_time:.1f}",
             "tokens/s": f"{r.tokens_per_second:,.0f}",

@@ -75,6 +75,8 @@ class TrainOutcome:
     training_time: float
     eval_time: float
     tokens_per_second: float
+    checkpoint_time: float = 0.0
+    checkpoints_written: int = 0
     resumed_from_step: int | None = None
 
 
@@ -92,6 +94,8 @@ class _Progress:
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     eval_time: float = 0.0
+    checkpoint_time: float = 0.0   # seconds spent writing checkpoints (not in training_time)
+    checkpoints_written: int = 0
     best_valid: dict[str, Any] | None = None   # EvalResult of the best epoch, as a dict
     best_epoch: int = -1
     epoch_losses: list[float] = field(default_factory=list)
@@ -282,9 +286,16 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None or not self.is_main:
             return None
-        return save_checkpoint(self.checkpoint_dir, self.progress.step, self.model.state_dict(),
+        start = time.perf_counter()
+        self.progress.checkpoints_written += 1
+        path = save_checkpoint(self.checkpoint_dir, self.progress.step, self.model.state_dict(),
                                self.best_state, self._checkpoint_state(),
                                keep=self.config.keep_checkpoints)
+        elapsed = time.perf_counter() - start
+        self.progress.checkpoint_time += elapsed
+        size = sum(f.stat().st_size for f in path.iterdir())
+        self._log("checkpoint", self.progress.step, seconds=elapsed, bytes=size)
+        return path
 
     def _try_resume(self) -> None:
         if not self.resume or self.checkpoint_dir is None:
@@ -522,4 +533,5 @@ class Trainer:
             epoch_times=p.epoch_times, step_losses=p.step_losses, valid=valid, test=test,
             best_epoch=p.best_epoch + 1, steps=p.step, total_tokens=p.tokens,
             training_time=p.training_time, eval_time=p.eval_time, tokens_per_second=tps,
+            checkpoint_time=p.checkpoint_time, checkpoints_written=p.checkpoints_written,
             resumed_from_step=self.resumed_from_step)
