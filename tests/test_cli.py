@@ -62,6 +62,15 @@ def test_official_scheme_without_train_split_points_to_proxy(shared_data_dir, tm
     assert not (tmp_path / "o").exists()
 
 
+def test_context_longer_than_the_training_split_allows(shared_data_dir, tmp_path, capsys):
+    code = exit_code(["run", "--preset", "smoke", "--data-dir", str(shared_data_dir),
+                      "--split-scheme", "proxy", "--n-seq", "200000", "--output-dir",
+                      str(tmp_path / "o")])
+    assert code == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_results_untouched_by_a_bad_invocation(tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -24,7 +24,7 @@ from .config import PRESETS, BenchmarkConfig, ConfigError, build_run_configs, lo
 from .data import DataError
 from .summary import print_summary
 from .train import (CheckpointMismatchError, TrainingDivergedError, TrainingInterrupted,
-                    init_distributed)
+                    init_distributed, steps_per_epoch)
 
 EXIT_USAGE = 2
 
@@ -185,9 +185,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
     bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet and is_main)
-    # load the data before any training so that a data problem stops everything up front
+    # load the data and size the training before any work, so that bad input stops everything
     for config in configs:
-        bench.load_data(config)
+        steps_per_epoch(config, bench.load_data(config).train.numel())
     try:
         # one child process per run isolates its peak memory; under torchrun, run in place
         results = bench.run_all(configs, resume=args.resume, isolate=not distributed)

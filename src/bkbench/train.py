@@ -193,6 +193,17 @@ def _stop_requests() -> Iterator[dict[str, int | None]]:
             signal.signal(sig, previous)
 
 
+def steps_per_epoch(config: BenchmarkConfig, num_train_tokens: int) -> int:
+    """Full batches of ``n_seq``-token windows in the training split; ConfigError if none."""
+    steps = (num_train_tokens - 1) // config.n_seq // config.batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"{config.model_name}: the training split has {num_train_tokens} tokens, fewer than "
+            f"one batch of {config.batch_size} windows of n_seq={config.n_seq} tokens; lower "
+            "batch_size or n_seq")
+    return steps
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = (set(saved) | set(current)) - _RESUME_IGNORED_FIELDS
     return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
@@ -224,12 +235,8 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
         n = config.n_seq
+        self.steps_per_epoch = steps_per_epoch(config, data.train.numel())
         self.num_windows = (data.train.numel() - 1) // n
-        self.steps_per_epoch = self.num_windows // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the training split has {data.train.numel()} tokens: fewer than one batch of "
-                f"{config.batch_size} windows of {n} tokens; lower batch_size or n_seq")
         if config.batch_size < self.world:
             raise ConfigError(f"batch_size ({config.batch_size}) must be at least the number of "
                              f"processes ({self.world})")
