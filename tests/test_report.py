@@ -207,3 +207,13 @@ def test_report_main_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert report_main(str(tmp_path)) != 0
     assert "no readable" in capsys.readouterr().err
+
+
+def test_report_recomputes_comparisons_from_the_results_files(results_dir):
+    # a comparison left over from an earlier run must not survive a rerun of one model
+    stale = results_dir / "comparison_transformer_baseline_vs_resnet_bk_full.json"
+    stale.write_text('{"a": "transformer_baseline", "b": "resnet_bk_full", "metrics": {}}')
+    build_report(results_dir)
+    fresh = json.loads(stale.read_text())
+    assert fresh["metrics"]["test_perplexity"]["ratio"] is not None
+    assert len(list(results_dir.glob("comparison_*.json"))) == 3

@@ -229,6 +229,6 @@ class WikiText2Benchmark:
         """Ratios a/b of held-out perplexity, FLOPs, time, memory and size (see bkbench.compare)."""
         return compare_results(a, b)
 
-    def write_comparisons(self, results: list[BenchmarkResults], echo: bool = False) -> list[Path]:
-        """The seed's three comparisons, for the pairs present in ``results``."""
-        return write_seed_comparisons(self.output_dir, results, echo=echo)
+    def write_comparisons(self, results: list[BenchmarkResults]) -> list[Path]:
+        """Write the seed's comparisons (``comparison_<a>_vs_<b>.json``) among ``results``."""
+        return write_seed_comparisons(self.output_dir, results)

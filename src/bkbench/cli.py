@@ -179,7 +179,7 @@ def _configs_from_args(args: argparse.Namespace) -> list[BenchmarkConfig]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .benchmark import RunFailedError, WikiText2Benchmark
-    from .report import build_report, format_claims, audit_claims
+    from .report import report_main
 
     configs = _configs_from_args(args)
     distributed = init_distributed(configs[0].device)
@@ -200,11 +200,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if is_main:
         print_summary(results)
+        # comparisons, plots and report over every complete run in the folder, so that
+        # rerunning a subset of the runs refreshes everything derived from it
         print()
-        bench.write_comparisons(results, echo=True)
-        paths = build_report(args.output_dir)
-        print("Claims audit\n" + format_claims(audit_claims({r.model_name: r for r in results})))
-        print(f"\nreport: {paths['report_md']} and {paths['report_html']}")
+        return report_main(str(args.output_dir))
     return 0
 
 

@@ -16,7 +16,7 @@ from .atomic import write_json_atomic
 from .results import BenchmarkResults
 
 __all__ = ["compare_results", "format_comparison", "write_comparison", "write_seed_comparisons",
-           "comparison_path", "SEED_PAIRS", "COMPARED_METRICS", "as_finite", "causal_verdict"]
+           "comparison_path", "seed_comparisons", "SEED_PAIRS", "COMPARED_METRICS", "as_finite", "causal_verdict"]
 
 # the three comparisons of the seed benchmark
 SEED_PAIRS = (("transformer_baseline", "resnet_bk_baseline"),
@@ -164,17 +164,18 @@ def write_comparison(output_dir: str | Path, a: BenchmarkResults, b: BenchmarkRe
                              compare_results(a, b))
 
 
+def seed_comparisons(results: dict[str, BenchmarkResults],
+                     pairs: Iterable[tuple[str, str]] = SEED_PAIRS) -> list[dict[str, Any]]:
+    """:func:`compare_results` of each pair of ``pairs`` whose two runs are in ``results``."""
+    return [compare_results(results[a], results[b]) for a, b in pairs
+            if a in results and b in results]
+
+
 def write_seed_comparisons(output_dir: str | Path,
                            results: dict[str, BenchmarkResults] | Iterable[BenchmarkResults],
-                           pairs: Iterable[tuple[str, str]] = SEED_PAIRS,
-                           echo: bool = False) -> list[Path]:
+                           pairs: Iterable[tuple[str, str]] = SEED_PAIRS) -> list[Path]:
     """Write the comparisons of ``pairs`` whose two runs are both in ``results``."""
     if not isinstance(results, dict):
         results = {r.model_name: r for r in results}
-    written = []
-    for na, nb in pairs:
-        if na in results and nb in results:
-            written.append(write_comparison(output_dir, results[na], results[nb]))
-            if echo:
-                print(format_comparison(compare_results(results[na], results[nb])) + "\n")
-    return written
+    return [write_comparison(output_dir, results[a], results[b]) for a, b in pairs
+            if a in results and b in results]

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic
-from .compare import SEED_PAIRS, as_finite, causal_verdict, compare_results, format_comparison
+from .compare import (as_finite, causal_verdict, format_comparison, seed_comparisons,
+                      write_seed_comparisons)
 from .results import BenchmarkResults
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
@@ -61,9 +62,8 @@ class ReportError(Exception):
 # Loading
 # ------------------------------------------------------------------------------------------
 
-def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResults],
-                                                       list[dict[str, Any]], list[str]]:
-    """(results by run name, comparison dicts, problems) from a results folder."""
+def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResults], list[str]]:
+    """(results by run name, problems) from a results folder's ``*_results.json`` files."""
     folder = Path(results_dir)
     if not folder.is_dir():
         raise ReportError(f"results folder {str(folder)!r} does not exist")
@@ -82,13 +82,7 @@ def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResult
         raise ReportError(f"no readable *_results.json files in {str(folder)!r}"
                           + (f" ({'; '.join(problems)})" if problems else "")
                           + "; run `bkbench run` first")
-    comparisons = []
-    for path in sorted(folder.glob("comparison_*.json")):
-        try:
-            comparisons.append(json.loads(path.read_text()))
-        except (ValueError, OSError) as exc:
-            problems.append(f"{path.name} skipped: {exc}")
-    return results, comparisons, problems
+    return results, problems
 
 
 # ------------------------------------------------------------------------------------------
@@ -620,16 +614,9 @@ def _causal_text(r: BenchmarkResults) -> str:
     return "not audited" if c is None else ("causal" if c else "**NOT CAUSAL**")
 
 
-def _comparisons(results, comparisons) -> tuple[list[dict], bool]:
-    if comparisons:
-        return comparisons, False
-    computed = [compare_results(results[a], results[b]) for a, b in SEED_PAIRS
-                if a in results and b in results]
-    return computed, True
-
-
 def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                claims: list[Claim], problems: list[str]) -> _Doc:
+    """``comparisons``: the seed's pairs, computed from ``results`` (see build_report)."""
     doc = _Doc()
     names = list(results)
     proxy = _proxy(results)
@@ -779,9 +766,7 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
 
     # --- comparisons
     doc.h(2, "Comparisons")
-    comps, computed = _comparisons(results, comparisons)
-    if computed and comps:
-        doc.p("(no comparison_*.json files found; computed from the results files)")
+    comps = comparisons
     if not comps:
         doc.p("No pairs of the seed's comparisons are present in these results.")
     for d in comps:
@@ -806,9 +791,13 @@ def _pct(x: Any, signed: bool = True) -> str:
 
 
 def build_report(results_dir: str | Path) -> dict[str, Path]:
-    """Write the plots, report.md and report.html into ``results_dir``; return their paths."""
+    """From the results files of ``results_dir`` alone, write the seed's comparisons
+    (``comparison_<a>_vs_<b>.json``), the plots, report.md and report.html; return their paths.
+    """
     folder = Path(results_dir)
-    results, comparisons, problems = load_results_dir(folder)
+    results, problems = load_results_dir(folder)
+    comparisons = seed_comparisons(results)
+    write_seed_comparisons(folder, results)
     claims = audit_claims(results)
     paths = {
         "training_curves": plot_training_curves(results, folder / "training_curves.png"),
@@ -828,7 +817,7 @@ def report_main(results_dir: str) -> int:
     """``bkbench report RESULTS_DIR``: rebuild the report, print its paths and the claims."""
     try:
         paths = build_report(results_dir)
-        results, comparisons, _ = load_results_dir(results_dir)
+        results, _ = load_results_dir(results_dir)
     except ReportError as exc:
         print(f"bkbench report: {exc}", file=sys.stderr)
         return 2
@@ -837,11 +826,6 @@ def report_main(results_dir: str) -> int:
     if _proxy(results):
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
     print("\nClaims audit\n" + format_claims(audit_claims(results)))
-    comps, _ = _comparisons(results, comparisons)
-    for d in comps:
-        if "metrics" in d and "a" in d:
-            try:
-                print("\n" + format_comparison(d))
-            except (KeyError, TypeError):
-                pass
+    for d in seed_comparisons(results):
+        print("\n" + format_comparison(d))
     return 0
