@@ -84,6 +84,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, c
     assert resumed["step_losses"] == reference["step_losses"]
 
 
+def test_fresh_run_replaces_the_checkpoints_of_an_earlier_run(reference, tmp_path):
+    finish(driver(tmp_path))  # leaves checkpoints at the last steps
+    rerun = finish(driver(tmp_path, "--steps", "7"))  # without --resume: starts over
+    assert rerun["resumed_from_step"] is None
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == \
+        ["step_000000006", "step_000000007"]
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path):
     finish(driver(tmp_path, "--steps", "6"))
     proc = driver(tmp_path, "--resume", "--d-model", "24")

@@ -68,7 +68,8 @@ def _contiguous_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def save_checkpoint(directory: Path, step: int, model_state: dict[str, torch.Tensor],
                     best_model_state: dict[str, torch.Tensor] | None, state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int) -> tuple[Path, int]:
+    """Write checkpoint ``step`` and keep the newest ``keep``; return (its path, its bytes)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:09d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=directory))
@@ -95,7 +96,18 @@ def save_checkpoint(directory: Path, step: int, model_state: dict[str, torch.Ten
         raise
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return final, sum(meta["bytes"] for meta in manifest.values())
+
+
+def remove_checkpoints(directory: Path) -> int:
+    """Delete every checkpoint (and temporary leftover) in ``directory``; return how many."""
+    removed = 0
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.is_dir() and (path.name.startswith("step_") or path.name.startswith(".tmp_step_")):
+                shutil.rmtree(path)
+                removed += 1
+    return removed
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

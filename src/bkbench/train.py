@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .checkpoint import load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from .config import BenchmarkConfig, ConfigError
 from .eval import EvalResult, evaluate
 
@@ -295,17 +295,23 @@ class Trainer:
             return None
         start = time.perf_counter()
         self.progress.checkpoints_written += 1
-        path = save_checkpoint(self.checkpoint_dir, self.progress.step, self.model.state_dict(),
-                               self.best_state, self._checkpoint_state(),
-                               keep=self.config.keep_checkpoints)
+        path, size = save_checkpoint(self.checkpoint_dir, self.progress.step,
+                                     self.model.state_dict(), self.best_state,
+                                     self._checkpoint_state(), keep=self.config.keep_checkpoints)
         elapsed = time.perf_counter() - start
         self.progress.checkpoint_time += elapsed
-        size = sum(f.stat().st_size for f in path.iterdir())
         self._log("checkpoint", self.progress.step, seconds=elapsed, bytes=size)
         return path
 
     def _try_resume(self) -> None:
-        if not self.resume or self.checkpoint_dir is None:
+        if self.checkpoint_dir is None:
+            return
+        if not self.resume:
+            # a fresh run replaces the previous run of this name: its checkpoints must neither
+            # be resumed later nor crowd this run's out of the keep-last-K window
+            if self.is_main and (removed := remove_checkpoints(self.checkpoint_dir)):
+                log.info("%s: fresh run, removed %d checkpoint(s) of an earlier run in %s",
+                         self.config.model_name, removed, self.checkpoint_dir)
             return
         ckpt = load_latest_checkpoint(self.checkpoint_dir)
         if ckpt is None:
