@@ -130,3 +130,26 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # rank 0 alone wrote the log and the checkpoints
     assert len((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()) == \
         len((tmp_path / "one" / "train_log.jsonl").read_text().splitlines())
+
+
+def test_torchrun_cli_writes_one_results_file_with_single_process_numbers(shared_data_dir, tmp_path):
+    args = ["run", "--preset", "smoke", "--models", "transformer_baseline", "--max-steps", "4",
+            "--dropout", "0", "--data-dir", str(shared_data_dir), "--split-scheme", "proxy",
+            "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "bkbench", *args, "--output-dir",
+                             str(tmp_path / "one")], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+                          "-m", "bkbench", *args, "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    files = list((tmp_path / "two").glob("*_results.json"))
+    assert [f.name for f in files] == ["transformer_baseline_results.json"]
+    one = json.loads((tmp_path / "one" / "transformer_baseline_results.json").read_text())
+    two = json.loads(files[0].read_text())
+    assert two["test_tokens"] == one["test_tokens"] and two["valid_tokens"] == one["valid_tokens"]
+    assert two["test_perplexity"] == pytest.approx(one["test_perplexity"], rel=1e-4)
+    assert two["epoch_losses"] == pytest.approx(one["epoch_losses"], rel=1e-4)
