@@ -462,9 +462,9 @@ def plot_flops_breakdown(results: dict[str, BenchmarkResults], path: Path) -> Pa
             if as_finite(unc) is not None:
                 notes.append(f"{n}: ~{100 * unc:.1f}%")
         if notes:
-            ax_share.text(0, -0.2, "Not counted (elementwise, softmax, norms; estimate, % of "
-                          "counted): " + ", ".join(notes), transform=ax_share.transAxes,
-                          fontsize=8, va="top", wrap=True)
+            ax_share.text(0, -0.2, "Not counted (elementwise, softmax, norms; estimate,\n"
+                          "% of counted): " + "\n".join(notes), transform=ax_share.transAxes,
+                          fontsize=8, va="top")
     title = "FLOPs breakdown"
     if _proxy(results):
         title += "  --  PROXY split scheme"
