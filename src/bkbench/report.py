@@ -329,9 +329,14 @@ def _proxy(results: dict[str, BenchmarkResults]) -> bool:
                for r in results.values())
 
 
-def _save_fig(fig, path: Path) -> Path:
+def _finish_figure(fig, path: Path, title: str, proxy_note: str | None, fontsize: int) -> Path:
+    """Title (with the PROXY label when it applies), layout, atomic PNG write, close."""
+    fig.suptitle(title + (f"  --  {proxy_note}" if proxy_note else ""), fontsize=fontsize,
+                 fontweight="bold")
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
     write_bytes_atomic(path, buf.getvalue())
     return path
 
@@ -387,14 +392,9 @@ def plot_training_curves(results: dict[str, BenchmarkResults], path: Path) -> Pa
                       transform=ax_flops.transAxes)
     ax_flops.set(title="Total training FLOPs (counted; steps x per-step)", ylabel="FLOPs")
     ax_flops.grid(True, axis="y", alpha=0.3)
-    title = "WikiText-2 training curves"
-    if _proxy(results):
-        title += "  --  PROXY split scheme (not official WikiText-2 numbers)"
-    fig.suptitle(title, fontsize=14, fontweight="bold")
-    fig.tight_layout()
-    out = _save_fig(fig, path)
-    plt.close(fig)
-    return out
+    return _finish_figure(fig, path, "WikiText-2 training curves",
+                          "PROXY split scheme (not official WikiText-2 numbers)"
+                          if _proxy(results) else None, fontsize=14)
 
 
 def plot_flops_breakdown(results: dict[str, BenchmarkResults], path: Path) -> Path:
@@ -465,14 +465,8 @@ def plot_flops_breakdown(results: dict[str, BenchmarkResults], path: Path) -> Pa
             ax_share.text(0, -0.2, "Not counted (elementwise, softmax, norms; estimate,\n"
                           "% of counted): " + "\n".join(notes), transform=ax_share.transAxes,
                           fontsize=8, va="top")
-    title = "FLOPs breakdown"
-    if _proxy(results):
-        title += "  --  PROXY split scheme"
-    fig.suptitle(title, fontsize=13, fontweight="bold")
-    fig.tight_layout()
-    out = _save_fig(fig, path)
-    plt.close(fig)
-    return out
+    return _finish_figure(fig, path, "FLOPs breakdown",
+                          "PROXY split scheme" if _proxy(results) else None, fontsize=13)
 
 
 # ------------------------------------------------------------------------------------------

@@ -244,15 +244,19 @@ def _shifted(x, direction):
     return torch.cat([x[:, 1:], z], dim=1)
 
 
-def torch_forward(v, shift, eps, tau, causal):
-    """Row-form forward, vectorised over rows (loop over N). Any device."""
-    alpha = _alpha(v, shift, eps)
-    left = _torch_sweep(alpha, tau, reverse=False)
+def _sweeps(alpha, tau, causal, sweep):
+    """The causal left sweep, or the bidirectional combination of a left and a right sweep."""
+    left = sweep(alpha, tau, reverse=False)
     if causal:
         return left
-    right = _torch_sweep(alpha, tau, reverse=True)
+    right = sweep(alpha, tau, reverse=True)
     t = tau[:, None]
     return torch.reciprocal(alpha - t * _shifted(left, +1) - t * _shifted(right, -1))
+
+
+def torch_forward(v, shift, eps, tau, causal):
+    """Row-form forward, vectorised over rows (loop over N). Any device."""
+    return _sweeps(_alpha(v, shift, eps), tau, causal, _torch_sweep)
 
 
 def torch_backward(v, shift, eps, tau, g, grad_g, causal):
@@ -308,9 +312,4 @@ def autograd_recurrence(v, shift, eps, tau, causal):
     alpha = _alpha(v, shift, eps)
     if n == 0:
         return alpha.clone()
-    left = _autograd_sweep(alpha, tau, reverse=False)
-    if causal:
-        return left
-    right = _autograd_sweep(alpha, tau, reverse=True)
-    t = tau[:, None]
-    return torch.reciprocal(alpha - t * _shifted(left, +1) - t * _shifted(right, -1))
+    return _sweeps(alpha, tau, causal, _autograd_sweep)
