@@ -361,6 +361,7 @@ def plot_training_curves(results: dict[str, BenchmarkResults], path: Path) -> Pa
                ylabel="perplexity (log scale)")
     ax_ppl.set_yscale("log")
     ax_time.set(title="Training time per epoch", xlabel="epoch", ylabel="seconds")
+    ax_time.set_ylim(bottom=0)  # a time axis that starts at 0 shows differences at their size
     for ax in (ax_loss, ax_ppl, ax_time):
         ax.grid(True, alpha=0.3, which="both")
         if ax.get_lines():
