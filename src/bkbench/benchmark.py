@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .audit import audit_causality, format_audit
-from .compare import compare_results, write_seed_comparisons
+from .compare import compare_results
 from .config import BenchmarkConfig, ConfigError
 from .data import load_wikitext2
 from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
@@ -228,7 +228,3 @@ class WikiText2Benchmark:
     def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
         """Ratios a/b of held-out perplexity, FLOPs, time, memory and size (see bkbench.compare)."""
         return compare_results(a, b)
-
-    def write_comparisons(self, results: list[BenchmarkResults]) -> list[Path]:
-        """Write the seed's comparisons (``comparison_<a>_vs_<b>.json``) among ``results``."""
-        return write_seed_comparisons(self.output_dir, results)
