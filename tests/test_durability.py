@@ -74,11 +74,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, c
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     ckpts = list_checkpoints(tmp_path / "checkpoints")
-    assert len(ckpts) == 2  # keep_checkpoints=2
+    # keep_checkpoints=2; a kill between writing a checkpoint and pruning the oldest leaves 3
+    assert len(ckpts) in (2, 3)
     latest = ckpts[-1] / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])  # truncate
     found = load_latest_checkpoint(tmp_path / "checkpoints")
-    assert found is not None and found.path == ckpts[0]
+    assert found is not None and found.path == ckpts[-2]
     assert "does not match its checksum" in caplog.text
     resumed = finish(driver(tmp_path, "--resume"))
     assert resumed["step_losses"] == reference["step_losses"]
