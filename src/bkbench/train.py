@@ -387,20 +387,34 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def compute_loss(self, inputs: torch.Tensor,
+                     targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective of one batch: (loss to backpropagate, named terms).
+
+        ``cross_entropy_sum`` is the summed NLL of this rank's targets; the loss scales it by
+        world / global tokens because DDP averages gradients over ranks, so the average is the
+        global mean. Every other term (MoE balance, ...) is added to the loss as it is.
+        """
+        global_tokens = self.config.batch_size * self.config.n_seq
+        with self._autocast():
+            logits = self.ddp_model(inputs)
+        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                 targets.reshape(-1), reduction="sum")
+        terms = {"cross_entropy_sum": ce_sum}
+        loss = ce_sum * (self.world / global_tokens)
+        aux = self.model.auxiliary_loss()
+        if aux is not None:
+            terms["moe_balance"] = aux
+            loss = loss + aux
+        return loss, terms
+
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
         """One optimizer step; returns (global mean cross-entropy, gradient norm)."""
         step = self.progress.step
         global_tokens = self.config.batch_size * self.config.n_seq
         self.ddp_model.train()
-        with self._autocast():
-            logits = self.ddp_model(inputs)
-        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                 targets.reshape(-1), reduction="sum")
-        # DDP averages gradients over ranks: scale so that the average is the global mean
-        loss = ce_sum * (self.world / global_tokens)
-        aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
-        if aux is not None:
-            loss = loss + aux
+        loss, terms = self.compute_loss(inputs, targets)
+        ce_sum = terms["cross_entropy_sum"]
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"{self.config.model_name}: loss is {loss.item()} at step {step} "

@@ -9,9 +9,11 @@ import torch.nn as nn
 class LanguageModel(nn.Module):
     """Base class: ``forward(idx)`` maps (B, T) token ids to (B, T, V) logits.
 
-    Subclasses set ``n_seq`` and ``COMPONENTS`` (component -> module-name prefixes inside the
-    model, matched against each dotted name's parts) so that parameters and measured FLOPs
-    can be attributed to embedding / mixer / feed_forward / lm_head.
+    Subclasses implement ``features(idx)`` (the final normalized hidden states) and own an
+    ``lm_head`` Linear, so ``forward`` is ``lm_head(features(idx))``. They set ``n_seq`` and
+    ``COMPONENTS`` (component -> module-name prefixes inside the model, matched against each
+    dotted name's parts) so that parameters and measured FLOPs can be attributed to
+    embedding / mixer / feed_forward / lm_head.
     """
 
     COMPONENTS: dict[str, tuple[str, ...]] = {}
@@ -26,6 +28,14 @@ class LanguageModel(nn.Module):
         if T > self.n_seq:
             raise ValueError(f"sequence length {T} exceeds the model's n_seq={self.n_seq}")
         return T
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final hidden states, the LM head's input."""
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # split so that a loss can fuse the LM head with the cross-entropy (features + lm_head)
+        return self.lm_head(self.features(idx))
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Extra training loss produced by the last forward pass (None if the model has none)."""

@@ -254,13 +254,13 @@ class ResNetBKLM(LanguageModel):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
         T = self.check_input(idx)
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """MoE load-balancing loss of the last forward, summed over layers (None in eval / weight 0)."""
