@@ -100,6 +100,7 @@ def test_runs_are_selected_by_name_and_the_default_stays_three():
     ({"gla_backend": "cuda"}, "gla_backend"),
     ({"gla_chunk_size": 0}, "gla_chunk_size"),
     ({"n_heads": 3}, "divisible by n_heads"),
+    ({"gla_backend": "fla", "device": "cpu"}, "CUDA only"),
 ])
 def test_bad_gla_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -252,12 +252,20 @@ class BenchmarkConfig:
 
 def _validate_gla(config: "BenchmarkConfig") -> None:
     from .models.gla import GLAConfig
-    from .ops.gla import BACKENDS
+    from .ops.gla import BACKENDS, fla_available
     if config.gla_backend not in BACKENDS:
         raise ConfigError(f"gla_backend must be one of {', '.join(BACKENDS)}, "
                           f"got {config.gla_backend!r}")
     if not isinstance(config.gla_chunk_size, int) or config.gla_chunk_size < 1:
         raise ConfigError(f"gla_chunk_size must be a positive integer, got {config.gla_chunk_size!r}")
+    if config.gla_backend == "fla":
+        import torch
+        if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+            raise ConfigError("gla_backend 'fla' runs on CUDA only; use --gla-backend torch "
+                              "(or auto) on this device")
+        if not fla_available():
+            raise ConfigError("gla_backend 'fla' needs flash-linear-attention: "
+                              "pip install 'bkbench[fla]', or use --gla-backend torch")
     key_dim = int(config.d_model * GLAConfig.expand_k)
     if config.d_model % config.n_heads or key_dim % config.n_heads or key_dim < config.n_heads:
         raise ConfigError(f"GLA needs d_model ({config.d_model}) and its key width "
