@@ -940,9 +940,7 @@ def report_main(results_dir: str) -> int:
     if _proxy(results):
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
     from .experiments.scale import load_scale
-    print("
-Claims audit
-" + format_claims(audit_claims(results, scale=load_scale(results_dir))))
+    print("\nClaims audit\n" + format_claims(audit_claims(results, scale=load_scale(results_dir))))
     for d in seed_comparisons(results) + seed_comparisons(results, PEER_PAIRS):
         print("\n" + format_comparison(d))
     return 0
