@@ -31,11 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .checkpoint import load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from .config import BenchmarkConfig, ConfigError
-from .eval import EvalResult, evaluate
+from .eval import EvalResult, evaluate, target_nll
 
 log = logging.getLogger(__name__)
 
@@ -428,9 +427,8 @@ class Trainer:
         """
         global_tokens = self.config.batch_size * self.config.n_seq
         with self._autocast():
-            logits = self.ddp_model(inputs)
-        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                 targets.reshape(-1), reduction="sum")
+            # the LM head runs fused with the cross-entropy, chunk by chunk (ops.lm_loss)
+            ce_sum = target_nll(self.model, inputs, targets, call=self.ddp_model)
         terms = {"cross_entropy_sum": ce_sum}
         loss = ce_sum * (self.world / global_tokens)
         aux = self.model.auxiliary_loss()
