@@ -168,7 +168,13 @@ def make_optimizer(model: nn.Module, config: BenchmarkConfig) -> torch.optim.Ada
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    # torch's fused AdamW (one kernel per tensor instead of ~10 ops) where the parameters'
+    # device has it (CPU and CUDA in torch >= 2.4): the same update, and on CPU, where torch's
+    # default is a per-tensor loop, ~4x faster (benchmarks/train_step.py, "AdamW step")
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=True)
+    except RuntimeError:   # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
 @contextmanager
