@@ -169,3 +169,11 @@ def test_step_flops_of_the_fused_loss_equal_the_unfused_ones(arch):
             assert fused.uncounted[phase][cat] == pytest.approx(plain.uncounted[phase][cat])
     ev = measure_forward_flops(model, 4, 16, 300)
     assert ev["by_component"]["lm_head"] == 2 * 4 * 16 * 16 * 300
+
+
+def test_no_rows_give_zero_loss_and_zero_gradients():
+    h = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(6, 4, requires_grad=True)
+    loss = lm_head_nll(h, w, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(w.grad, torch.zeros_like(w))

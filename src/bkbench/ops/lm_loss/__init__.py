@@ -68,8 +68,11 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bc = bias.to(compute_dtype) if bias is not None else None
     nll = torch.empty(N, dtype=acc, device=h.device)
     grad_h = torch.empty_like(h) if want_grad else None
-    grad_w = (torch.empty_like(weight) if plain else torch.zeros(V, d, dtype=acc, device=h.device)) \
-        if want_grad else None
+    if want_grad:   # written by the first chunk's product when plain, else accumulated
+        grad_w = (torch.empty_like(weight) if plain and N > 0
+                  else torch.zeros(V, d, dtype=acc, device=h.device))
+    else:
+        grad_w = None
     grad_b = torch.zeros(V, dtype=acc, device=h.device) if want_grad and bias is not None else None
     minus_one = None
     for start in range(0, N, chunk_rows):
