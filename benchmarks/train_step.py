@@ -208,14 +208,16 @@ def interleaved_throughput(rows, args, stream, eval_stream):
 
 # --- FLOPs and the GEMM roofline -----------------------------------------------------------
 
-GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+# products and where their two factors are among the recorded inputs (an out= tensor may follow)
+GEMMS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0,
+         "aten::baddbmm": 1, "aten::baddbmm_": 1}
 
 
 def gemm_flops(name: str, shapes) -> int:
-    if name in ("aten::mm", "aten::addmm"):
-        a, b = shapes[-2:] if name == "aten::mm" else shapes[1:3]
+    i = GEMMS[name]
+    a, b = shapes[i], shapes[i + 1]
+    if len(a) == 2:
         return 2 * a[0] * a[1] * b[1]
-    a, b = shapes[:2] if name == "aten::bmm" else shapes[1:3]
     return 2 * a[0] * a[1] * a[2] * b[2]
 
 
@@ -251,11 +253,12 @@ def time_gemm(key, min_time: float) -> float:
     if key in _gemm_cache:
         return _gemm_cache[key]
     name, shapes, strides, dtypes = key
-    n_tensors = 3 if name in ("aten::addmm", "aten::baddbmm") else 2
+    n_tensors = 2 + GEMMS[name]   # an in-place accumulation is timed as its out-of-place form
     ops = [_operand(shapes[i], strides[i], _DTYPES.get(dtypes[i], torch.float32))
            for i in range(n_tensors)]
-    fn = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm,
-          "aten::baddbmm": torch.baddbmm}[name]
+    fn = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::addmm_": torch.addmm,
+          "aten::bmm": torch.bmm, "aten::baddbmm": torch.baddbmm,
+          "aten::baddbmm_": torch.baddbmm}[name]
     fn(*ops)
     inner = 1
     while True:   # enough calls per sample to be measurable
