@@ -31,8 +31,6 @@ clipping) with the same d_model, layers, heads, MLP width (4·d), vocabulary and
 * **LM loss**: forward + backward of the LM head and loss at the step's (rows, d, V): the
   unfused ``F.cross_entropy(head(h))`` against the fused op at several chunk sizes (when the
   installed bkbench has ``bkbench.ops.lm_loss``).
-* ``--compile``: a second row per bkbench model whose ``features`` (everything before the LM
-  head and loss) is compiled by ``torch.compile`` (inductor); compilation is in the warm-up.
 * **optimizer**: one AdamW step over the Transformer's parameters with torch's default
   implementation, ``foreach=True`` and ``fused=True``.
 
@@ -153,13 +151,6 @@ def bkbench_rows(args, vocab: int, train_tokens: torch.Tensor):
         trainer = Trainer(config, model, data, torch.device("cpu"), progress=False)
         rows.append(SimpleNamespace(name=config.model_name, model=model, runner=trainer,
                                     optimizer=trainer.optimizer))
-        if args.compile:   # the same model and trainer, its features compiled by inductor
-            torch.manual_seed(config.seed)
-            compiled = build_model(config.architecture, vocab, **config.model_kwargs())
-            compiled.features = torch.compile(compiled.features)
-            trainer = Trainer(config, compiled, data, torch.device("cpu"), progress=False)
-            rows.append(SimpleNamespace(name=config.model_name + " (compiled)", model=compiled,
-                                        runner=trainer, optimizer=trainer.optimizer))
     return rows
 
 
@@ -440,8 +431,6 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--compile", action="store_true",
-                    help="also each bkbench model with torch.compile(model.features)")
     args = ap.parse_args(argv)
     for name in ("d_model", "n_layers", "n_heads", "n_seq", "batch_size", "vocab",
                  "eval_batch_size"):
@@ -475,13 +464,9 @@ def main(argv=None):
     sys.stdout.flush()
 
     interleaved_throughput(rows, args, stream, eval_stream)
-    counted = {}
     for row in rows:
-        base = row.name.removesuffix(" (compiled)")   # the same computation as its eager row
-        if base not in counted:
-            counted[base] = measure_step_flops(row.model, args.batch_size, args.n_seq,
-                                               args.vocab, optimizer=row.optimizer).total
-        row.flops = counted[base]
+        row.flops = measure_step_flops(row.model, args.batch_size, args.n_seq, args.vocab,
+                                       optimizer=row.optimizer).total
         row.gemm_gflop, row.roof = roofline(row, args, stream, args.min_time)
     header = (f"{'model':<34} {'params':>9} {'train tok/s':>22} {'eval tok/s':>24} "
               f"{'eval/train':>10} {'GFLOP/step':>10} {'GFLOP/s':>8} {'roofline':>8} "
