@@ -910,6 +910,9 @@ def _timing(r: BenchmarkResults, value: Any, spec: str) -> str:
     return text + " (contended)" if (r.contention or {}).get("contended") else text
 
 
+_OF_TF = "the Transformer's"
+
+
 def _ratio_text(x: float | None, what: str) -> str:
     return "n/a" if x is None else f"{x:.2f}x {what}"
 
@@ -926,7 +929,7 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
         text = f"`{n}` {_f(r.test_perplexity)}"
         if tf is not None and r is not tf:
             ratio = _div(r.test_perplexity, tf.test_perplexity)
-            text += f" ({_ratio_text(ratio, "the Transformer's")})"
+            text += f" ({_ratio_text(ratio, _OF_TF)})"
         if causal_verdict(r) is False:
             text += " **NOT CAUSAL**"
         ppl.append(text)
@@ -940,7 +943,7 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
                   f", {100 * s.get('confidence', 0.95):.0f}% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}")
             text = f"`{n}` {s['mean']:.2f} (n = {s.get('n')}{ci})"
             if ref is not None and n != BASELINE:
-                text += f", {_ratio_text(_div(s['mean'], ref['mean']), "the Transformer's")}"
+                text += f", {_ratio_text(_div(s['mean'], ref['mean']), _OF_TF)}"
             parts.append(text)
         lines.append("Over repeated seeds, mean test perplexity: " + "; ".join(parts) + ".")
     if tf is None:
@@ -961,7 +964,7 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
                 f"`{n}` against the Transformer: forward FLOPs/step "
                 f"{_ratio_text(fwd, 'fewer')}, backward {_ratio_text(bwd, 'fewer')}; measured "
                 f"speed {speed_text}; peak memory {_f(r.peak_memory_mb, ',.1f')} vs "
-                f"{_f(tf.peak_memory_mb, ',.1f')} MiB ({_ratio_text(mem, 'the Transformer')}).")
+                f"{_f(tf.peak_memory_mb, ',.1f')} MiB ({_ratio_text(mem, _OF_TF)}).")
     doc.bullets(lines)
     doc.p("Claims audit:")
     doc.bullets([f"**{c.verdict}** {c.statement}: {c.measured} ({c.reason})" for c in claims])
