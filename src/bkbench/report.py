@@ -921,12 +921,16 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
                      aggregates: dict[str, dict]) -> None:
     """What the run found, from the numbers, before any setup table."""
     doc.h(2, "Summary")
+    # seed repeats (<run>-seed<s>) are summarized by their means and intervals, not one by one
+    from .experiments.seeds import seed_groups
+    repeats = {r.model_name for g in seed_groups(results).values() for r in g}
+    results = {n: r for n, r in _with_seed_means(results)[0].items() if n not in repeats}
     tf = results.get(BASELINE)
     lines = []
     # perplexity, with the interval over seeds where repeated seeds were aggregated
     ppl = []
     for n, r in results.items():
-        text = f"`{n}` {_f(r.test_perplexity)}"
+        text = f"`{n}` {_f(r.test_perplexity)}" + (" (seed mean)" if n in aggregates else "")
         if tf is not None and r is not tf:
             ratio = _div(r.test_perplexity, tf.test_perplexity)
             text += f" ({_ratio_text(ratio, _OF_TF)})"
