@@ -890,7 +890,7 @@ def _peers_section(doc: _Doc, results: dict[str, BenchmarkResults]) -> None:
         step = [as_finite(x) for x in (r.forward_flops, r.backward_flops, r.optimizer_flops)]
         rows.append([n, r.config.get("architecture", ""), _f(r.test_perplexity),
                      _e(sum(step)) if None not in step else "n/a", _e(r.total_flops),
-                     _f(r.tokens_per_second, ",.0f"), _f(r.peak_memory_mb, ",.1f"),
+                     _timing(r, r.tokens_per_second, ",.0f"), _f(r.peak_memory_mb, ",.1f"),
                      f"{r.num_parameters:,}{rel}", _causal_text(r)])
     doc.table(["run (by test ppl)", "architecture", "test ppl", "FLOPs/step", "training FLOPs",
                "tokens/s", "peak mem (MiB)", "params", "causality"], rows)
@@ -970,7 +970,7 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
                 f"speed {speed_text}; peak memory {_f(r.peak_memory_mb, ',.1f')} vs "
                 f"{_f(tf.peak_memory_mb, ',.1f')} MiB ({_ratio_text(mem, _OF_TF)}).")
     doc.bullets(lines)
-    doc.p("Claims audit:")
+    doc.p("Verdicts on the seed's claims (details in the claims audit below):")
     doc.bullets([f"**{c.verdict}** {c.statement}: {c.measured} ({c.reason})" for c in claims])
 
 
