@@ -35,10 +35,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic
-from .compare import (as_finite, causal_verdict, format_comparison, seed_comparisons,
-                      write_seed_comparisons)
+from .atomic import write_bytes_atomic, write_json_atomic
+from .compare import (SEED_PAIRS, as_finite, causal_verdict, compare_results, comparison_path,
+                      format_comparison)
 from .results import BenchmarkResults
+from .runs import group_by_setup, grouped_pairs
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
            "LONG_SEQUENCE_N", "load_results_dir"]
@@ -609,9 +610,17 @@ def _causal_text(r: BenchmarkResults) -> str:
     return "not audited" if c is None else ("causal" if c else "**NOT CAUSAL**")
 
 
+def like_for_like(results: dict[str, BenchmarkResults]) -> tuple[list[dict], list[str]]:
+    """The seed's comparisons between runs that share one setup (training recipe, data,
+    tokenizer, model size; see :mod:`bkbench.runs`), and the runs left out, each with why."""
+    pairs, left_out = grouped_pairs(group_by_setup(results), SEED_PAIRS)
+    return [compare_results(results[a], results[b]) for a, b in pairs], left_out
+
+
 def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
-               claims: list[Claim], problems: list[str]) -> _Doc:
-    """``comparisons``: the seed's pairs, computed from ``results`` (see build_report)."""
+               claims: list[Claim], problems: list[str], left_out: list[str] = ()) -> _Doc:
+    """``comparisons``: the seed's pairs within one setup, from ``results`` (see build_report);
+    ``left_out``: the runs in no comparison and why."""
     doc = _Doc()
     names = list(results)
     proxy = _proxy(results)
@@ -762,6 +771,11 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     # --- comparisons
     doc.h(2, "Comparisons")
     comps = comparisons
+    doc.p("Only runs that share one setup (training recipe, data, tokenizer and model size) "
+          "are compared.")
+    if left_out:
+        doc.p("**Left out of the comparisons:**")
+        doc.bullets(list(left_out))
     if not comps:
         doc.p("No pairs of the seed's comparisons are present in these results.")
     for d in comps:
@@ -791,14 +805,15 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     """
     folder = Path(results_dir)
     results, problems = load_results_dir(folder)
-    comparisons = seed_comparisons(results)
-    write_seed_comparisons(folder, results)
+    comparisons, left_out = like_for_like(results)
+    for d in comparisons:
+        write_json_atomic(comparison_path(folder, d["a"], d["b"]), d)
     claims = audit_claims(results)
     paths = {
         "training_curves": plot_training_curves(results, folder / "training_curves.png"),
         "flops_breakdown": plot_flops_breakdown(results, folder / "flops_breakdown.png"),
     }
-    doc = _build_doc(results, comparisons, claims, problems)
+    doc = _build_doc(results, comparisons, claims, problems, left_out)
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_bytes_atomic(md_path, doc.markdown().encode("utf-8"))
     images = {p.name: p.read_bytes() for p in paths.values()}
@@ -821,6 +836,11 @@ def report_main(results_dir: str) -> int:
     if _proxy(results):
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
     print("\nClaims audit\n" + format_claims(audit_claims(results)))
-    for d in seed_comparisons(results):
+    comparisons, left_out = like_for_like(results)
+    for d in comparisons:
         print("\n" + format_comparison(d))
+    if left_out:
+        print("\nLeft out of the comparisons (only runs of one setup are compared):")
+        for line in left_out:
+            print(f"  {line}")
     return 0
