@@ -72,7 +72,7 @@ def _parse_optional(kind: type):
 
 def _audit_field(name: str) -> bool:
     """The fields the causality audit reads: the model's (sizes, settings, flags) and the seed."""
-    return renames_run(name) or name == "seed"
+    return renames_run(name) or name in ("seed", "dropout")
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, applies=lambda name: True) -> None:

@@ -18,7 +18,7 @@ import yaml
 
 ARCHITECTURES = ("transformer", "resnet_bk")
 
-# The twelve optimisation flags of DESIGN.md section 4, in the seed's order. A flag is accepted
+# The twelve optimisation flags (docs/flags.md), in the seed's order. A flag is accepted
 # only once it is implemented; the rest are rejected so that no flag can be on and do nothing.
 OPTIMIZATION_FLAGS = (
     "use_analytic_gradient",
@@ -107,7 +107,7 @@ class BenchmarkConfig:
     # a run whose model fails the causality audit is refused unless this is set
     allow_noncausal: bool = False
 
-    # the twelve optimisation flags (DESIGN.md section 4)
+    # the twelve optimisation flags (docs/flags.md)
     use_analytic_gradient: bool = False
     use_koopman: bool = False
     use_physics_informed: bool = False

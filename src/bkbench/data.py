@@ -1,4 +1,4 @@
-"""WikiText-2: finding, verifying, splitting and tokenizing it (DESIGN.md section 6).
+"""WikiText-2: finding, verifying, splitting and tokenizing it (docs/data.md).
 
 Public entry point: :func:`load_wikitext2`, which returns a :class:`WikiText2`.
 
