@@ -215,11 +215,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .summary import print_summary
     from .train import TrainingDivergedError, TrainingInterrupted, init_distributed, steps_per_epoch
 
-    bench = WikiText2Benchmark(output_dir, progress=not args.quiet,
-                               progress_interval=args.progress_interval)
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
-    bench.progress = bench.progress and is_main
+    bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
+                               progress_interval=args.progress_interval)
     # load the data and size the training before any work, so that bad input stops everything
     for config in configs:
         steps_per_epoch(config, bench.load_data(config).train.numel())
