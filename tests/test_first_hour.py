@@ -111,6 +111,7 @@ def quick_check(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_check")  # one worker runs the shared fixture once
 def test_quick_check_after_the_main_command_leaves_its_results_intact(quick_check):
     assert _unchanged(quick_check["main_files"])
     assert json.loads(quick_check["results"].read_text())["steps"] == 2
@@ -128,6 +129,7 @@ def test_quick_check_after_the_main_command_leaves_its_results_intact(quick_chec
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_check")  # one worker runs the shared fixture once
 def test_batch_log_echoes_the_settings_then_progress_lines_with_an_eta(quick_check):
     lines = quick_check["log"].splitlines()
     head = next(i for i, l in enumerate(lines) if "run transformer_baseline (architecture" in l)
@@ -144,6 +146,7 @@ def test_batch_log_echoes_the_settings_then_progress_lines_with_an_eta(quick_che
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_check")  # one worker runs the shared fixture once
 def test_python_api_computes_what_the_cli_computes(quick_check, tmp_path):
     from conftest import SHARED_DATA
 
@@ -311,3 +314,75 @@ def test_help_imports_no_torch_and_audit_help_has_no_training_options():
         assert option not in audit
     for option in ("--d-model", "--bk-heads", "--use-analytic-gradient", "--seed", "--dropout"):
         assert option in audit
+
+
+# --- the project documents itself -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```bash\n")
+    test_block = next(b.split("```")[0] for b in blocks if "pytest" in b.split("```")[0])
+    command = test_block.strip().split("&& ", 1)[1]
+    ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in l]
+    assert ci == [command]
+    assert "-n auto" in command
+
+
+def test_user_facing_text_points_to_the_projects_docs_not_outside_it():
+    files = [ROOT / "README.md", *(ROOT / "src").rglob("*.py"), *(ROOT / "docs").glob("*.md")]
+    for path in files:
+        text = path.read_text()
+        assert "shared/" not in text and "DESIGN.md" not in text, path
+    # every relative link of the README and the docs names a file of the project
+    # (docs/flags.md belongs to the flag registry and may land separately)
+    import re
+
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.endswith("flags.md") and not (ROOT / "docs" / "flags.md").exists():
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+class _Stream:
+    """A stand-in for stderr: a terminal or a file."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_terminal_gets_a_bar_a_file_gets_lines(tty, monkeypatch, caplog, tiny_corpus):
+    import torch
+
+    from bkbench.models import build_model
+    from bkbench.train import Trainer, seed_everything
+
+    config = BenchmarkConfig(model_name="transformer_t", d_model=16, n_layers=1, n_heads=2,
+                             n_seq=16, batch_size=8, max_steps=4, lr=3e-3, seed=3).validate()
+    seed_everything(config.seed)
+    model = build_model("transformer", len(tiny_corpus.vocab), **config.model_kwargs())
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    with caplog.at_level("INFO", logger="bkbench.train"):
+        Trainer(config, model, tiny_corpus, torch.device("cpu"), progress=True,
+                progress_interval=1e-9).fit()
+    lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    bar = "".join(stream.text)
+    if tty:
+        assert "4/4" in bar and "\r" in bar and lines == []
+    else:
+        assert bar == "" and [l.split()[2] for l in lines] == ["1/4", "2/4", "3/4", "4/4"]
