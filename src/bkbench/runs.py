@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 # dropout is a regulariser of the training, not a size: changing it does not rename a run
-TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens", "lr",
-                   "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio", "seed",
-                   "eval_stride")
+TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens",
+                   "budget_flops", "budget_seconds", "lr", "weight_decay", "grad_clip",
+                   "warmup_steps", "min_lr_ratio", "seed", "eval_stride")
 DATA_FIELDS = ("variant", "split_scheme", "tokenizer")
 # the model sizes both architectures read: a comparison across them is not like for like
 SHARED_MODEL_FIELDS = ("d_model", "n_layers", "n_seq", "tie_weights")
