@@ -120,9 +120,9 @@ def grouped_pairs(groups: list[dict[str, Any]], seed_pairs: Iterable[tuple[str, 
 
     Within each setup, every pair of runs whose base names form one of ``seed_pairs``
     (so ``transformer_baseline`` is compared with ``resnet_bk_full-bk_heads2`` when they share
-    a setup). A run in no pair is left out: either its setup is shared by no run it could be
-    compared with (the differences from the largest setup are named), or its base name is in
-    no seed pair.
+    a setup). A run in no pair is left out, with why: the runs of its setup form no compared
+    pair with it, or no other run has its setup (then the differences from the largest setup
+    are named).
     """
     seed_pairs = list(seed_pairs)
     pairs, left_out = [], []
@@ -136,15 +136,16 @@ def grouped_pairs(groups: list[dict[str, Any]], seed_pairs: Iterable[tuple[str, 
         for name in names:
             if name in paired:
                 continue
-            if group is main or main is None:
-                why = "no run of the same setup to compare it with"
+            others = [n for n in names if n != name]
+            if others:
+                why = (f"it shares its setup with {', '.join(others)}, none of which the "
+                       "benchmark compares it with")
+            elif group is main:
+                why = "no other run has its setup"
             else:
-                diffs = setup_differences(main["setup"], group["setup"])
-                first = next(iter(main["runs"]))
-                why = (f"its setup {group['id']} differs from that of {first} "
-                       f"(setup {main['id']}: " + "; ".join(diffs) + ")")
-                if len(names) > 1:
-                    why += f"; it shares its setup with {', '.join(n for n in names if n != name)} but forms no compared pair with them"
+                why = (f"its setup {group['id']} differs from that of {next(iter(main['runs']))} "
+                       f"(setup {main['id']}: " + "; ".join(
+                           setup_differences(main["setup"], group["setup"])) + ")")
             left_out.append(f"{name}: {why}")
     return pairs, left_out
 
