@@ -34,12 +34,22 @@ SETUP_FIELDS = SHARED_MODEL_FIELDS + TRAINING_FIELDS + DATA_FIELDS
 BOOKKEEPING_FIELDS = ("data_dir", "device", "eval_batch_size", "checkpoint_every",
                       "keep_checkpoints", "tensorboard", "allow_noncausal")
 IDENTITY_FIELDS = ("model_name", "architecture")
-# model settings an architecture does not read (so overriding them does not rename its runs)
-IGNORED_BY = {
-    "transformer": ("num_experts", "top_k", "bk_heads", "bk_mode", "v_max", "bk_h0", "bk_t",
-                    "bk_energy", "bk_eps", "moe_balance_weight"),
-    "resnet_bk": ("n_heads",),
+# the model settings only some architectures read; any other model setting (the flags, their
+# own settings) applies to every architecture
+OWN_FIELDS = {
+    "transformer": ("n_heads",),
+    "gla": ("n_heads", "gla_chunk_size", "gla_backend"),
+    "lstm": (),
+    "resnet_bk": ("num_experts", "top_k", "bk_heads", "bk_mode", "v_max", "bk_h0", "bk_t",
+                  "bk_energy", "bk_eps", "moe_balance_weight"),
 }
+
+
+def ignored_by(architecture: str | None) -> set[str]:
+    """Model settings that ``architecture`` does not read (overriding them does not rename its
+    runs, and its settings block leaves them out)."""
+    own = set(OWN_FIELDS.get(architecture, ()))
+    return {f for fields in OWN_FIELDS.values() for f in fields} - own
 
 
 def renames_run(field: str) -> bool:
@@ -60,7 +70,7 @@ def variant_suffix(base: Mapping[str, Any], overrides: Mapping[str, Any],
     """``-d_model128-use_koopman`` for the overrides of run-renaming fields that change the
     run's value in ``base``; empty when none does. Booleans read ``-name`` / ``-no_name``."""
     parts = []
-    ignored = IGNORED_BY.get(base.get("architecture"), ())
+    ignored = ignored_by(base.get("architecture"))
     for name in field_order:
         if (name not in overrides or not renames_run(name) or name in ignored
                 or overrides[name] == base.get(name)):
@@ -223,7 +233,7 @@ def settings_lines(config: Mapping[str, Any], data: Mapping[str, Any] | None = N
     flags = [k for k in config if k.startswith("use_") and config[k]]
     own = [k for k in config if k not in SETUP_FIELDS + BOOKKEEPING_FIELDS + IDENTITY_FIELDS
            and not k.startswith("use_")]
-    own = [k for k in own if k not in IGNORED_BY.get(config.get("architecture"), ())]
+    own = [k for k in own if k not in ignored_by(config.get("architecture"))]
     return [
         f"run {config.get('model_name')} (architecture {config.get('architecture')}, "
         f"setup {setup_id(setup)})",
