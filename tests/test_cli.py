@@ -83,7 +83,7 @@ def test_existing_results_untouched_by_a_bad_invocation(tmp_path):
 def test_precedence_preset_file_override(tmp_path):
     values = {"d_model": 48, "runs": {"transformer_small": {"n_layers": 1}}}
     (cfg,) = build_run_configs("smoke", values, {"n_layers": 3})
-    assert cfg.model_name == "transformer_small"
+    assert cfg.model_name == "transformer_small-n_layers3"  # a size override names a variant
     assert cfg.d_model == 48 and cfg.n_layers == 3 and cfg.n_seq == 64
 
 
@@ -140,7 +140,7 @@ def test_audit_command_exit_code_says_whether_every_model_is_causal(capsys):
     out = capsys.readouterr().out
     assert out.count("CAUSAL: max leak 0.0") == 3
     assert main(["audit", *small, "--models", "resnet_bk_full", "--bk-mode", "bidirectional"]) == 1
-    assert "resnet_bk_full: NOT CAUSAL" in capsys.readouterr().out
+    assert "resnet_bk_full-d_model16-bk_modebidirectional: NOT CAUSAL" in capsys.readouterr().out
 
 
 def test_noncausal_model_is_refused_unless_allowed(shared_data_dir, tmp_path):
@@ -151,11 +151,12 @@ def test_noncausal_model_is_refused_unless_allowed(shared_data_dir, tmp_path):
     refused = run_cli(*common)
     assert refused.returncode == 2
     assert "not causal" in refused.stderr and "--allow-noncausal" in refused.stderr
-    assert not (out / "resnet_bk_baseline_results.json").exists()
+    variant = out / "resnet_bk_baseline-bk_modebidirectional_results.json"
+    assert not list(out.glob("*_results.json"))
 
     allowed = run_cli(*common, "--allow-noncausal")
     assert allowed.returncode == 0, allowed.stderr
-    res = json.loads((out / "resnet_bk_baseline_results.json").read_text())
+    res = json.loads(variant.read_text())
     assert res["perplexity_valid_for_lm"] is False
     assert res["causality"]["causal"] is False and res["causality"]["max_leak"] > 0
     assert "NO" in allowed.stdout  # the summary's causal column

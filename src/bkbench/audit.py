@@ -1,7 +1,7 @@
 """Causality audit: does any logit depend on a token that comes after it?
 
-A language model's logits at position t may depend on tokens 0..t only (DESIGN.md section 1,
-defect 1). The audit checks this by experiment, for any model mapping (B, T) token ids to
+A language model's logits at position t may depend on tokens 0..t only (docs/measurement.md;
+the published ResNet-BK's mixer broke this). The audit checks this by experiment, for any model mapping (B, T) token ids to
 (B, T, V) logits: it feeds random sequences, changes the token at one position k at a time,
 and measures the largest change of any logit at a position < k. For a causal model that change
 is exactly zero, bit for bit, so the default threshold is 0.0.

@@ -35,6 +35,7 @@ from .metrics.flops import flops_result_fields, measure_forward_flops, measure_s
 from .metrics.memory import PeakMemory
 from .models import build_model
 from .results import BenchmarkResults, environment
+from . import runs
 from .train import Trainer, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -78,18 +79,28 @@ def _release_freed_memory() -> None:
 
 
 class WikiText2Benchmark:
-    def __init__(self, output_dir: str | Path = DEFAULT_OUTPUT_DIR, progress: bool = True):
+    def __init__(self, output_dir: str | Path = DEFAULT_OUTPUT_DIR, progress: bool = True,
+                 progress_interval: float = 30.0):
         self.output_dir = Path(output_dir)
         self.progress = progress
+        # seconds between progress lines when stderr is not a terminal (a tqdm bar when it is)
+        self.progress_interval = progress_interval
         self._data_cache: dict[tuple, Any] = {}
 
     # --- paths -----------------------------------------------------------------------------
 
     def results_path(self, model_name: str) -> Path:
-        return self.output_dir / f"{model_name}_results.json"
+        return runs.results_path(self.output_dir, model_name)
 
     def run_dir(self, model_name: str) -> Path:
-        return self.output_dir / "runs" / model_name
+        return runs.run_dir(self.output_dir, model_name)
+
+    def check_can_write(self, config: BenchmarkConfig, resume: bool = False,
+                        overwrite: bool = False) -> None:
+        """ConfigError if running ``config`` would replace a finished result or delete
+        checkpoints without ``overwrite`` (see :func:`bkbench.runs.check_can_write`)."""
+        runs.check_can_write(self.output_dir, config.to_dict(), resume=resume,
+                             overwrite=overwrite)
 
     # --- data ------------------------------------------------------------------------------
 
@@ -107,8 +118,13 @@ class WikiText2Benchmark:
 
     # --- one run ---------------------------------------------------------------------------
 
-    def run_benchmark(self, config: BenchmarkConfig, resume: bool = False) -> BenchmarkResults:
+    def run_benchmark(self, config: BenchmarkConfig, resume: bool = False,
+                      overwrite: bool = False) -> BenchmarkResults:
+        """Train and evaluate one run. An existing result or checkpoints of this run name stop
+        it with ConfigError, unless ``resume`` (continue; skip a complete run of the same
+        config) or ``overwrite`` (replace them)."""
         config.validate()
+        self.check_can_write(config, resume=resume, overwrite=overwrite)
         device = resolve_device(config.device)
         data = self.load_data(config)
         results_path = self.results_path(config.model_name)
@@ -118,13 +134,17 @@ class WikiText2Benchmark:
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable results file %s: %s", results_path, exc)
             else:
-                if done.config == config.to_dict():
+                if not runs.config_changes(done.config, config.to_dict()):
                     log.info("%s: complete results found at %s, skipping", config.model_name,
                              results_path)
                     return done
 
         vocab_size = len(data.vocab)
         is_main = not dist.is_initialized() or dist.get_rank() == 0
+        if is_main:  # the resolved settings, at the head of the run's log
+            for line in runs.settings_lines(config.to_dict(), data.to_dict()):
+                log.info("%s", line)
+            log.info("  output: %s, %s", results_path, self.run_dir(config.model_name))
         _release_freed_memory()
         with PeakMemory(device) as memory:
             model = self.build(config, vocab_size).to(device)
@@ -143,7 +163,8 @@ class WikiText2Benchmark:
                            "tokenizer": config.tokenizer, "checksums": data.checksums}
             trainer = Trainer(config, model, data, device,
                               run_dir=self.run_dir(config.model_name), resume=resume,
-                              data_fingerprint=fingerprint, progress=self.progress)
+                              data_fingerprint=fingerprint, progress=self.progress,
+                              progress_interval=self.progress_interval)
             outcome = trainer.fit()
 
         step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
@@ -200,15 +221,20 @@ class WikiText2Benchmark:
         return results
 
     def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,
-                isolate: bool = False) -> list[BenchmarkResults]:
+                isolate: bool = False, overwrite: bool = False) -> list[BenchmarkResults]:
         """Run each config; with ``isolate`` each in a child process of its own."""
+        for c in configs:  # refuse before the first run starts, not between runs
+            self.check_can_write(c, resume=resume, overwrite=overwrite)
         if not isolate:
-            return [self.run_benchmark(c, resume=resume) for c in configs]
-        return [self._run_isolated(c, resume) for c in configs]
+            return [self.run_benchmark(c, resume=resume, overwrite=overwrite) for c in configs]
+        return [self._run_isolated(c, resume, overwrite) for c in configs]
 
-    def _run_isolated(self, config: BenchmarkConfig, resume: bool) -> BenchmarkResults:
+    def _run_isolated(self, config: BenchmarkConfig, resume: bool,
+                      overwrite: bool = False) -> BenchmarkResults:
         payload = json.dumps({"config": config.to_dict(), "output_dir": str(self.output_dir),
-                              "resume": resume, "progress": self.progress})
+                              "resume": resume, "overwrite": overwrite,
+                              "progress": self.progress,
+                              "progress_interval": self.progress_interval})
         child = subprocess.Popen([sys.executable, "-m", "bkbench.worker", payload])
         # Ctrl-C reaches the child directly (same process group); forward SIGTERM so that the
         # child checkpoints, and wait for it either way

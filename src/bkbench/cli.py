@@ -17,16 +17,15 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
-import torch.distributed as dist
-
 from . import __version__
 from .config import PRESETS, BenchmarkConfig, ConfigError, build_run_configs, load_yaml
-from .data import DataError
-from .summary import print_summary
-from .train import (CheckpointMismatchError, TrainingDivergedError, TrainingInterrupted,
-                    init_distributed, steps_per_epoch)
+from .runs import check_can_write, renames_run
+
+# torch and everything that imports it are imported by the commands that need them, so that
+# `bkbench --help` starts in well under a second
 
 EXIT_USAGE = 2
+DEFAULT_OUTPUT_ROOT = Path("benchmark_results") / "wikitext2"
 
 # options that have a dedicated flag with its own help below
 _DEDICATED = {"data_dir", "split_scheme", "device"}
@@ -75,6 +74,11 @@ def _parse_optional(kind: type):
     return parse
 
 
+def _audit_field(name: str) -> bool:
+    """The fields the causality audit reads: the model's (sizes, settings, flags) and the seed."""
+    return renames_run(name) or name in ("seed", "dropout")
+
+
 def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
@@ -84,7 +88,7 @@ def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] 
         flag = "--" + f.name.replace("_", "-")
         help_text = _FIELD_HELP.get(f.name)
         if f.name.startswith("use_"):
-            help_text = f"optimisation flag {f.name} (DESIGN.md section 4)"
+            help_text = f"optimisation flag {f.name} (see docs/flags.md)"
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
@@ -122,16 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="official train/valid/test, or proxy for machines without the train "
                           "split (train=valid, valid/test=halves of test); written into results")
     run.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--output-dir", type=Path, default=Path("benchmark_results/wikitext2"),
-                     help="where results are written (default: %(default)s)")
+    run.add_argument("--output-dir", type=Path,
+                     help=f"where results are written (default: {DEFAULT_OUTPUT_ROOT}/PRESET, "
+                          "one folder per preset)")
     run.add_argument("--resume", action="store_true",
                      help="continue unfinished runs from their latest checkpoint and skip "
                           "runs whose results are complete")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace finished results and delete the checkpoints of runs of the "
+                          "same name (without it, or --resume, existing runs stop the command)")
+    run.add_argument("--run-suffix", metavar="SUFFIX",
+                     help="name each run <run>-SUFFIX (default: a model-size or flag override "
+                          "names it after the override, e.g. resnet_bk_full-d_model128)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     run.add_argument("--seeds", metavar="S,S,...",
                      help="repeat every run once per seed (runs named <run>-seed<S>); the report "
                           "adds means, 95%% intervals and Welch's t-test p-values "
                           "(or 'seeds:' in the config file)")
+    run.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                     help="seconds between progress lines (step, loss, tokens/s, ETA) when "
+                          "stderr is not a terminal (default: %(default)s)")
     _add_config_fields(run)
 
     audit = sub.add_parser(
@@ -149,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vocabulary of the audited models (default: %(default)s, WikiText-2)")
     audit.add_argument("--sequences", type=int, default=2,
                        help="random sequences per perturbed position (default: %(default)s)")
-    _add_config_fields(audit)
+    _add_config_fields(audit, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
+                                                if not _audit_field(f.name)))
 
     ablate = sub.add_parser(
         "ablate", help="ResNet-BK baseline, each flag alone, all flags: one table",
@@ -222,7 +237,13 @@ def failure_exit_code(exc: BaseException) -> int | None:
     Bad input (config, data, checkpoint of another run, a non-causal model): 2. A diverged
     run: 1. An interrupted run (checkpoint written): 128 + the signal. None: not expected.
     """
-    if isinstance(exc, (ConfigError, DataError, CheckpointMismatchError)):
+    if isinstance(exc, ConfigError):  # before importing torch: --help and bad options stay fast
+        print(f"bkbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .data import DataError
+    from .train import CheckpointMismatchError, TrainingDivergedError, TrainingInterrupted
+
+    if isinstance(exc, (DataError, CheckpointMismatchError)):
         print(f"bkbench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if isinstance(exc, TrainingDivergedError):
@@ -247,7 +268,8 @@ def _configs_from_args(args: argparse.Namespace,
             overrides.pop(name, None)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     seeds = getattr(args, "seeds", None) or file_values.pop("seeds", None)
-    configs = build_run_configs(args.preset, file_values, overrides, models)
+    configs = build_run_configs(args.preset, file_values, overrides, models,
+                                run_suffix=getattr(args, "run_suffix", None))
     if seeds is None:
         return configs
     from .experiments.seeds import expand_seeds, parse_seeds
@@ -257,19 +279,33 @@ def _configs_from_args(args: argparse.Namespace,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    configs = _configs_from_args(args, allow_seeds=True)
+    if not args.progress_interval > 0:
+        raise ConfigError(f"--progress-interval must be > 0 seconds, got {args.progress_interval}")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
+    output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / args.preset
+    for config in configs:  # before any work: never replace a finished run by accident
+        check_can_write(output_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite)
+
+    import torch.distributed as dist
+
     from .benchmark import RunFailedError, WikiText2Benchmark
     from .report import report_main
+    from .summary import print_summary
+    from .train import TrainingDivergedError, TrainingInterrupted, init_distributed, steps_per_epoch
 
-    configs = _configs_from_args(args, allow_seeds=True)
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
-    bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet and is_main)
+    bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
+                               progress_interval=args.progress_interval)
     # load the data and size the training before any work, so that bad input stops everything
     for config in configs:
         steps_per_epoch(config, bench.load_data(config).train.numel())
     try:
         # one child process per run isolates its peak memory; under torchrun, run in place
-        results = bench.run_all(configs, resume=args.resume, isolate=not distributed)
+        results = bench.run_all(configs, resume=args.resume, overwrite=args.overwrite,
+                                isolate=not distributed)
     except RunFailedError as exc:
         return exc.exit_code
     except (TrainingInterrupted, TrainingDivergedError) as exc:
@@ -282,7 +318,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # comparisons, plots and report over every complete run in the folder, so that
         # rerunning a subset of the runs refreshes everything derived from it
         print()
-        return report_main(str(args.output_dir))
+        return report_main(str(output_dir))
     return 0
 
 
@@ -365,8 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": _cmd_report}
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointMismatchError) as exc:
-        return failure_exit_code(exc)
+    except Exception as exc:  # the expected failures: a one-line message and their exit code
+        code = failure_exit_code(exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

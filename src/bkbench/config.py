@@ -19,7 +19,7 @@ import yaml
 
 ARCHITECTURES = ("transformer", "resnet_bk", "gla", "lstm")
 
-# The twelve optimisation flags of DESIGN.md section 4, in the seed's order. A flag is accepted
+# The twelve optimisation flags (docs/flags.md), in the seed's order. A flag is accepted
 # only once it is implemented; the rest are rejected so that no flag can be on and do nothing.
 OPTIMIZATION_FLAGS = (
     "use_analytic_gradient",
@@ -117,7 +117,7 @@ class BenchmarkConfig:
     # a run whose model fails the causality audit is refused unless this is set
     allow_noncausal: bool = False
 
-    # the twelve optimisation flags (DESIGN.md section 4)
+    # the twelve optimisation flags (docs/flags.md)
     use_analytic_gradient: bool = False
     use_koopman: bool = False
     use_physics_informed: bool = False
@@ -169,6 +169,22 @@ class BenchmarkConfig:
         if unknown:
             raise ConfigError(_unknown_fields_message(sorted(unknown)))
         return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides: Any) -> "BenchmarkConfig":
+        """The validated config ``bkbench run --preset NAME --models RUN --<field> VALUE``
+        would train: the preset, then the run's own settings (``model_name``, default
+        ``transformer_baseline``; for the benchmark's runs, their architecture and flags),
+        then ``overrides``. Overriding a model size or flag of one of the benchmark's runs
+        renames it as the command line does (``resnet_bk_full-d_model128``)."""
+        overrides = dict(overrides)
+        model_name = overrides.pop("model_name", "transformer_baseline")
+        if model_name in DEFAULT_RUNS:
+            (config,) = build_run_configs(name, overrides=overrides, models=[model_name])
+            return config
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides, "model_name": model_name}).validate()
 
     def replace(self, **changes: Any) -> "BenchmarkConfig":
         return BenchmarkConfig.from_dict({**self.to_dict(), **changes})
@@ -360,12 +376,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | None = None,
                       overrides: Mapping[str, Any] | None = None,
-                      models: list[str] | None = None) -> list[BenchmarkConfig]:
+                      models: list[str] | None = None,
+                      run_suffix: str | None = None) -> list[BenchmarkConfig]:
     """Assemble and validate the configs of one benchmark invocation.
 
     Precedence, lowest first: preset, YAML file, command-line overrides; per-run settings
     (the run's architecture and flags) sit between the shared values and the overrides.
+    A run whose model size, architecture setting or flag an override changes is named
+    ``<run>-<field><value>...`` (``bkbench.runs.variant_suffix``), or ``<run>-<run_suffix>``
+    when ``run_suffix`` is given, so that a variant never replaces the original's files.
     """
+    from .runs import variant_suffix
+
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     file_values = dict(file_values or {})
@@ -386,8 +408,17 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
                               f"{', '.join(runs)}")
         runs = {name: runs[name] for name in models}
     configs = []
+    if run_suffix is not None and (not run_suffix or any(c in run_suffix for c in "/\\ ")):
+        raise ConfigError(f"--run-suffix {run_suffix!r} must be a non-empty name without spaces "
+                          "or slashes (it becomes part of the results file names)")
+    order = [f.name for f in fields(BenchmarkConfig)]
+    configs = []
     for name, run_values in runs.items():
-        values = {**shared, **(run_values or {}), **(overrides or {}), "model_name": name}
+        # the run's values before the overrides, coerced as the overrides are
+        base = BenchmarkConfig.from_dict({**shared, **(run_values or {}), "model_name": name}).to_dict()
+        suffix = (f"-{run_suffix}" if run_suffix is not None
+                  else variant_suffix(base, overrides or {}, order))
+        values = {**base, **(overrides or {}), "model_name": name + suffix}
         configs.append(BenchmarkConfig.from_dict(values).validate())
     return configs
 

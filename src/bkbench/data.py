@@ -1,4 +1,4 @@
-"""WikiText-2: finding, verifying, splitting and tokenizing it (DESIGN.md section 6).
+"""WikiText-2: finding, verifying, splitting and tokenizing it (docs/data.md).
 
 Public entry point: :func:`load_wikitext2`, which returns a :class:`WikiText2`.
 
@@ -117,7 +117,7 @@ class KnownFile:
 
 KNOWN_FILES: dict[str, KnownFile] = {
     f.name: f for f in (
-        # The four files in ../shared/data/wikitext-2 (see its README).
+        # The four validation and test files of the offline copy this project is tested with.
         KnownFile("wiki.valid.tokens", lines=3_760, tokens=217_646, size=1_121_681,
                   sha256="f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
         KnownFile("wiki.test.tokens", lines=4_358, tokens=245_569, size=1_256_449,

@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic
-from .compare import (PEER_PAIRS, as_finite, causal_verdict, format_comparison,
-                      seed_comparisons, write_seed_comparisons)
+from .atomic import write_bytes_atomic, write_json_atomic
+from .compare import (PEER_PAIRS, SEED_PAIRS, as_finite, causal_verdict, compare_results,
+                      comparison_path, format_comparison, seed_comparisons)
 from .metrics.contention import contended_reason
 from .results import BenchmarkResults
+from .runs import base_name, group_by_setup, grouped_pairs
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
            "LONG_SEQUENCE_N", "load_results_dir"]
@@ -690,10 +691,20 @@ def _causal_text(r: BenchmarkResults) -> str:
     return "not audited" if c is None else ("causal" if c else "**NOT CAUSAL**")
 
 
+def like_for_like(results: dict[str, BenchmarkResults],
+                  pairs=SEED_PAIRS) -> tuple[list[dict], list[str]]:
+    """The comparisons of ``pairs`` (by base run name) between runs that share one setup
+    (training recipe, data, tokenizer, model size; see :mod:`bkbench.runs`), and the runs
+    left out, each with why."""
+    pairs, left_out = grouped_pairs(group_by_setup(results), pairs)
+    return [compare_results(results[a], results[b]) for a, b in pairs], left_out
+
+
 def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
-               claims: list[Claim], problems: list[str],
+               claims: list[Claim], problems: list[str], left_out: list[str] = (),
                aggregates: dict[str, dict] | None = None) -> _Doc:
-    """``comparisons``: the seed's pairs, computed from ``results`` (see build_report)."""
+    """``comparisons``: the seed's pairs within one setup, from ``results`` (see build_report);
+    ``left_out``: the runs in no comparison and why; ``aggregates``: seed means, if any."""
     doc = _Doc()
     names = list(results)
     proxy = _proxy(results)
@@ -847,6 +858,11 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     # --- comparisons
     doc.h(2, "Comparisons")
     comps = comparisons
+    doc.p("Only runs that share one setup (training recipe, data, tokenizer and model size) "
+          "are compared.")
+    if left_out:
+        doc.p("**Left out of the comparisons:**")
+        doc.bullets(list(left_out))
     if not comps:
         doc.p("No pairs of the seed's comparisons are present in these results.")
     for d in comps:
@@ -1027,16 +1043,17 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     """From the results files of ``results_dir`` alone, write the seed's comparisons
     (``comparison_<a>_vs_<b>.json``), the plots, report.md and report.html; return their paths.
     """
-    from .compare import SEED_PAIRS
     from .experiments.report_sections import budget_section, scale_section, seeds_section
     from .experiments.scale import load_scale
     from .experiments.seeds import write_aggregates
 
     folder = Path(results_dir)
     results, problems = load_results_dir(folder)
-    comparisons = seed_comparisons(results)
-    write_seed_comparisons(folder, results)
-    write_seed_comparisons(folder, results, PEER_PAIRS)
+    comparisons, left_out = like_for_like(results, SEED_PAIRS + PEER_PAIRS)
+    for d in comparisons:
+        write_json_atomic(comparison_path(folder, d["a"], d["b"]), d)
+    comparisons = [d for d in comparisons  # the peers have a section of their own
+                   if (base_name(d["a"]), base_name(d["b"])) in SEED_PAIRS]
     seed_info = write_aggregates(folder, results, SEED_PAIRS)
     scale = load_scale(folder)
     claims = audit_claims(results, scale=scale)
@@ -1044,7 +1061,8 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
         "training_curves": plot_training_curves(results, folder / "training_curves.png"),
         "flops_breakdown": plot_flops_breakdown(results, folder / "flops_breakdown.png"),
     }
-    doc = _build_doc(results, comparisons, claims, problems, seed_info.get("aggregates"))
+    doc = _build_doc(results, comparisons, claims, problems, left_out,
+                     aggregates=seed_info.get("aggregates"))
     seeds_section(doc, seed_info)
     budget_section(doc, results)
     scale_images = [folder / n for n in scale_section(doc, scale)]
@@ -1071,6 +1089,11 @@ def report_main(results_dir: str) -> int:
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
     from .experiments.scale import load_scale
     print("\nClaims audit\n" + format_claims(audit_claims(results, scale=load_scale(results_dir))))
-    for d in seed_comparisons(results) + seed_comparisons(results, PEER_PAIRS):
+    comparisons, left_out = like_for_like(results, SEED_PAIRS + PEER_PAIRS)
+    for d in comparisons:
         print("\n" + format_comparison(d))
+    if left_out:
+        print("\nLeft out of the comparisons (only runs of one setup are compared):")
+        for line in left_out:
+            print(f"  {line}")
     return 0

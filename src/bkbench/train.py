@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -218,12 +219,46 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             for k in sorted(keys) if saved.get(k) != current.get(k)]
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class ProgressLines:
+    """Progress as log lines, for a log file where a tqdm bar would be one endless line: the
+    first step, then the first step at least ``interval`` seconds after the previous line.
+    The ETA assumes the remaining steps take as long as this session's steps so far,
+    evaluations between epochs included."""
+
+    def __init__(self, name: str, total_steps: int, start_step: int, interval: float,
+                 clock=time.monotonic):
+        self.name, self.total, self.start_step, self.interval = name, total_steps, start_step, interval
+        self.clock = clock
+        self.start = clock()
+        self.last: float | None = None
+
+    def step(self, step: int, epoch: int, epochs: int, loss: float, tokens_per_second: float) -> bool:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval:
+            return False
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / (step - self.start_step) * (self.total - step)
+        log.info("%s: step %d/%d (epoch %d/%d), loss %.4f, %s tokens/s, elapsed %s, ETA %s",
+                 self.name, step, self.total, epoch + 1, epochs, loss,
+                 f"{tokens_per_second:,.0f}", _duration(elapsed), _duration(eta))
+        return True
+
+
 class Trainer:
     """Trains ``model`` on ``data.train``, validates on ``data.valid``, tests on ``data.test``."""
 
     def __init__(self, config: BenchmarkConfig, model: nn.Module, data, device: torch.device,
                  run_dir: Path | None = None, resume: bool = False,
-                 data_fingerprint: dict[str, Any] | None = None, progress: bool = True):
+                 data_fingerprint: dict[str, Any] | None = None, progress: bool = True,
+                 progress_interval: float = 30.0):
         self.config = config
         self.device = device
         self.data = data
@@ -231,6 +266,7 @@ class Trainer:
         self.resume = resume
         self.data_fingerprint = data_fingerprint or {}
         self.show_progress = progress
+        self.progress_interval = progress_interval
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -503,12 +539,16 @@ class Trainer:
         p, cfg = self.progress, self.config
         tokens_per_step = cfg.batch_size * cfg.n_seq
         timing_warmup = min(3, max(0, self.total_steps // 10))
-        bar = None
+        bar = lines = None
         self._contention = ContentionMonitor(self.device, state=p.contention).start()
         if self.show_progress and self.is_main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=p.step, desc=cfg.model_name,
-                       unit="step", dynamic_ncols=True, disable=None)
+            if sys.stderr.isatty():
+                from tqdm.auto import tqdm
+                bar = tqdm(total=self.total_steps, initial=p.step, desc=cfg.model_name,
+                           unit="step", dynamic_ncols=True)
+            else:  # a batch job's log: a line every progress_interval seconds instead
+                lines = ProgressLines(cfg.model_name, self.total_steps, p.step,
+                                      self.progress_interval)
         try:
             while p.step < self.total_steps:
                 if self._time_budget_spent():
@@ -552,6 +592,8 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                    if lines is not None:
+                        lines.step(p.step, p.epoch, self.num_epochs, loss, tok_s)
                     if (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0
                             and p.batch_in_epoch < steps_this_epoch):
                         self.save_checkpoint()

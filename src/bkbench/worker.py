@@ -1,6 +1,7 @@
 """Child-process entry point of one isolated run (``WikiText2Benchmark.run_all(isolate=True)``).
 
-    python -m bkbench.worker '{"config": {...}, "output_dir": "...", "resume": false, "progress": true}'
+    python -m bkbench.worker '{"config": {...}, "output_dir": "...", "resume": false,
+                               "overwrite": false, "progress": true, "progress_interval": 30}'
 
 Exit codes as the CLI's: 0 done, 1 diverged, 2 bad input, 128+N interrupted by signal N.
 """
@@ -17,10 +18,12 @@ from .config import BenchmarkConfig
 def main(payload: str) -> int:
     request = json.loads(payload)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bench = WikiText2Benchmark(request["output_dir"], progress=request["progress"])
+    bench = WikiText2Benchmark(request["output_dir"], progress=request["progress"],
+                               progress_interval=request.get("progress_interval", 30.0))
     try:
         config = BenchmarkConfig.from_dict(request["config"]).validate()
-        bench.run_benchmark(config, resume=request["resume"])
+        bench.run_benchmark(config, resume=request["resume"],
+                            overwrite=request.get("overwrite", False))
     except Exception as exc:
         code = failure_exit_code(exc)
         if code is None:

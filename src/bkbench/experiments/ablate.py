@@ -39,7 +39,7 @@ ALL_ROW = "bk-all"
 
 
 def applicable_flags(architecture: str = "resnet_bk") -> list[str]:
-    """The implemented optimization flags that apply to ``architecture``, in DESIGN order."""
+    """The implemented optimization flags that apply to ``architecture``, in the seed's order."""
     return [f for f in OPTIMIZATION_FLAGS if architecture in IMPLEMENTED_FLAGS.get(f, ())]
 
 
@@ -62,13 +62,13 @@ def ablation_rows(base: BenchmarkConfig) -> dict[str, BenchmarkConfig]:
     return {name: c.validate() for name, c in rows.items()}
 
 
-def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool) -> str:
+def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool, overwrite: bool) -> str:
     return json.dumps({"config": config.to_dict(), "output_dir": str(output_dir),
-                       "resume": resume, "progress": False})
+                       "resume": resume, "overwrite": overwrite, "progress": False})
 
 
 def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: bool,
-                  jobs: int) -> None:
+                  jobs: int, overwrite: bool = False) -> None:
     """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
     forwarded so that every child checkpoints. A failed child fails the ablation."""
     pending, running, failed = list(configs), [], []
@@ -79,7 +79,7 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
             while pending and len(running) < jobs:
                 c = pending.pop(0)
                 running.append((c, subprocess.Popen(
-                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume)])))
+                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume, overwrite)])))
             c, proc = running[0]
             code = proc.wait()
             running.pop(0)
@@ -115,10 +115,12 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
     for c in configs[:1]:  # data and training size checked before any work
         from ..train import steps_per_epoch
         steps_per_epoch(c, bench.load_data(c).train.numel())
+    for c in configs:  # no row may replace a finished run unless asked to
+        bench.check_can_write(c, resume=resume, overwrite=overwrite)
     if jobs == 1:
-        bench.run_all(configs, resume=resume, isolate=True)
+        bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True)
     else:
-        _run_parallel(configs, output_dir, resume, jobs)
+        _run_parallel(configs, output_dir, resume, jobs, overwrite)
     results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
                for c in configs}
     table = build_table(rows, results, seeds, parallel_jobs=jobs)

@@ -529,7 +529,7 @@ def analytic_resnet_bk_flops(batch_size: int, seq_len: int, d_model: int, n_laye
                              expert_hidden: int | None = None,
                              dense_experts: bool = False,
                              expert_rows: int | None = None) -> dict[str, Any]:
-    """FLOPs of one training step of the ResNet-BK LM (DESIGN.md section 3), by formula.
+    """FLOPs of one training step of the ResNet-BK LM (docs/models.md), by formula.
 
     Per token and layer (forward): gate 2·d·E; experts d→h→d (h = 2d by default) 2·2·d·h for
     each of the ``top_k`` experts a token is routed to (``dense_experts``: all E); potential

@@ -1,7 +1,7 @@
 """ResNet-BK language model: a mixture-of-experts feed-forward plus the O(N) BK-Core mixer.
 
 Token + position embeddings -> n_layers pre-LayerNorm residual blocks x + Layer(LN(x)) ->
-LayerNorm -> LM head. Each block's layer (DESIGN.md section 3):
+LayerNorm -> LM head. Each block's layer (docs/models.md):
 
 1. ``f = MoE(h)``: num_experts GELU experts d -> 2d -> d; each token goes to the top_k experts
    of a linear gate, weighted by a softmax over the chosen k gate logits. Routing has no noise,

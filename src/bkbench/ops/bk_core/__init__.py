@@ -19,7 +19,7 @@ With ``alpha_i = h0 + v_i - z``:
 Since ``Im(denominator) <= -eps`` at every step, ``|g| <= 1/eps`` always: nothing is clamped.
 
 Gradients reach ``v``, ``t``, ``energy``, ``eps`` and a tensor ``h0``. With
-``analytic_gradient=True`` the backward is the exact adjoint sweep (O(N), DESIGN.md section 2);
+``analytic_gradient=True`` the backward is the exact adjoint sweep (O(N), docs/bk-core.md);
 with ``analytic_gradient=False`` it is plain autograd through a vectorised torch recurrence
 (the benchmark's baseline; slow, but the same function).
 

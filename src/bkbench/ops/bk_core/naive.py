@@ -20,7 +20,7 @@ Contents:
 * :func:`autograd_recurrence` -- the forward recurrence written with differentiable torch ops,
   so that plain autograd produces the gradient (the ``analytic_gradient=False`` path).
 
-Sign conventions of the adjoint (PyTorch's, see DESIGN.md section 2): for a real loss L and a
+Sign conventions of the adjoint (PyTorch's, see docs/bk-core.md): for a real loss L and a
 complex tensor g, the incoming gradient is ``gbar = dL/dRe g + i dL/dIm g``; for a
 holomorphic w = f(u), ``ubar += conj(f'(u)) * wbar``; for a real x entering through a complex
 u(x), ``xbar = Re(conj(du/dx) * ubar)``.
