@@ -38,6 +38,7 @@ from typing import Any
 from .atomic import write_bytes_atomic
 from .compare import (as_finite, causal_verdict, format_comparison, seed_comparisons,
                       write_seed_comparisons)
+from .flags import registry as flag_registry
 from .results import BenchmarkResults
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
@@ -677,6 +678,20 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                      _f(r.training_time, ".1f"), _f(r.tokens_per_second, ",.0f"),
                      _f(r.peak_memory_mb, ",.1f"), _f(r.model_size_mb, ".2f")])
     doc.table(head, rows)
+
+    # --- flags: what each flag that was on did (bkbench.flags.registry, results' "flags")
+    flag_rows = []
+    for n, r in results.items():
+        for flag, rec in (r.flags or {}).items():
+            spec = flag_registry.REGISTRY.get(flag)
+            measured = "; ".join(f"{k}: {_short(v, 60)}" for k, v in
+                                 (rec.get("measured") or {}).items())
+            flag_rows.append([n, f"`{flag}`", spec.summary if spec else "(not in this version)",
+                              _short(rec.get("settings"), 60), measured])
+    if flag_rows:
+        doc.h(2, "Optimisation flags")
+        doc.p("What each flag that was on did, as measured in its run (results' `flags`).")
+        doc.table(["run", "flag", "what it does", "settings", "measured"], flag_rows)
 
     # --- claims
     doc.h(2, "Claims audit")
