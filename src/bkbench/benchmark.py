@@ -130,7 +130,8 @@ class WikiText2Benchmark:
         with PeakMemory(device) as memory:
             model, flags = self.build(config, vocab_size)
             model = model.to(device)
-            audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
+            with flags.autocast(device):  # the forward as training runs it
+                audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
             if is_main:
                 log.info("%s causality audit: %s", config.model_name, format_audit(audit))
             if not audit.causal and not config.allow_noncausal:

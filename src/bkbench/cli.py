@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import torch.distributed as dist
 
 from . import __version__
@@ -230,9 +231,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     all_causal = True
     for config in configs:
         seed_everything(config.seed)
-        model, _ = build_model(config, args.vocab_size)
-        audit = audit_causality(model, args.vocab_size, seq_len=config.n_seq,
-                                num_sequences=args.sequences, seed=config.seed)
+        model, flags = build_model(config, args.vocab_size)
+        with flags.autocast(torch.device("cpu")):  # the forward as training runs it
+            audit = audit_causality(model, args.vocab_size, seq_len=config.n_seq,
+                                    num_sequences=args.sequences, seed=config.seed)
         all_causal &= audit.causal
         print(f"{config.model_name}: {format_audit(audit)}")
     return 0 if all_causal else 1

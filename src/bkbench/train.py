@@ -282,6 +282,17 @@ class Trainer:
         chunk = self.data.train[windows[:, None] * n + offsets]
         return chunk[:, :-1].to(self.device), chunk[:, 1:].to(self.device)
 
+    def model_structure_changed(self, reset_model_selection: bool) -> None:
+        """A flag removed parameters (e.g. pruned experts): rewrap DDP, and with
+        ``reset_model_selection`` forget the best epoch, whose weights no longer fit."""
+        if self.distributed:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if reset_model_selection:
+            self.progress.best_valid = None
+            self.progress.best_epoch = -1
+            self.best_state = None
+
     # --- checkpoints and logs ------------------------------------------------------------
 
     @property

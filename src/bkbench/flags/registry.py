@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..compression import mixed_precision, pruning, quantization
+from ..objectives import koopman, physics_informed
 from . import analytic_gradient
 
 
@@ -53,6 +55,34 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "recurrence",
              "backward path; BK-Core backward time with and without, measured on the run's shapes",
              analytic_gradient.AnalyticGradientSettings),
+    FlagSpec("use_koopman", ("transformer", "resnet_bk"), koopman, koopman.Koopman,
+             "Koopman auxiliary loss: a lifting phi, a linear operator K and a decoder with "
+             "phi(h_{l+1}) ~ K phi(h_l) along the layers",
+             "loss term per epoch and final; held-out prediction error of K per layer",
+             koopman.KoopmanSettings),
+    FlagSpec("use_physics_informed", ("transformer", "resnet_bk"), physics_informed,
+             physics_informed.PhysicsInformed,
+             "energy-conservation penalty |E(h_{l+1}) - E(h_l)| along the layers, "
+             "E(h) = 1/2 |h|^2 / d per position",
+             "loss term per epoch; held-out energy drift per layer, trained and at initialization",
+             physics_informed.PhysicsInformedSettings),
+    FlagSpec("use_quantization", ("transformer", "resnet_bk"), quantization,
+             quantization.Quantization,
+             "quantization-aware training of every Linear (INT8 or INT4 symmetric per-channel "
+             "weights, INT8 per-token activations, straight-through); integer weights at evaluation",
+             "test perplexity of the integer model and of the fake-quantized one; stored size "
+             "against float32",
+             quantization.QuantizationSettings),
+    FlagSpec("use_pruning", ("transformer", "resnet_bk"), pruning, pruning.Pruning,
+             "gradual magnitude pruning on a cubic schedule (torch.nn.utils.prune) and removal "
+             "of rarely used MoE experts",
+             "sparsity per layer; experts removed; parameters, size and FLOPs before and after",
+             pruning.PruningSettings),
+    FlagSpec("use_mixed_precision", ("transformer", "resnet_bk"), mixed_precision,
+             mixed_precision.MixedPrecision,
+             "torch.autocast in bfloat16 (CPU and CUDA); the BK mixers stay in float32/complex64",
+             "autocast dtype; dtypes observed in a forward; tokens/s with and without",
+             mixed_precision.MixedPrecisionSettings),
 )}
 
 
