@@ -74,7 +74,7 @@ def test_quantized_weights_lie_on_the_grid_and_evaluation_uses_integers(bits):
     cfg = config(use_quantization=True, quantization_bits=bits)
     model, flags = built(cfg)
     qat = [m for m in model.modules() if isinstance(m, QATLinear)]
-    assert qat and not any(type(m) is nn.Linear for m in model.modules())
+    assert qat and not any(isinstance(m, nn.Linear) for m in model.modules())
     qmax = 2 ** (bits - 1) - 1
     lin = model.blocks[0].moe.experts[0].fc
     seen = {}

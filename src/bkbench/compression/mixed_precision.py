@@ -20,7 +20,7 @@ Settings (``mixed_precision_<field>``)
 
 Cost
     On a CPU without native bf16 matrix units it can be slower than float32: the record
-    measures it, and so does ``benchmarks/bench_mixed_precision.py``.
+    measures it, and so does ``benchmarks/mixed_precision.py``.
 
 What it records
     The autocast dtype and device; the dtypes observed in one training forward (LM head

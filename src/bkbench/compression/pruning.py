@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 from ..flags.base import Flag
+from .quantization import QATLinear
 
 
 @dataclass
@@ -100,7 +101,7 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
     tied = getattr(getattr(model, "config", None), "tie_weights", False)
     for name, module in model.named_modules():
         parts = name.split(".")
-        if not isinstance(module, nn.Linear) or "flag_modules" in parts:
+        if not isinstance(module, (nn.Linear, QATLinear)) or "flag_modules" in parts:
             continue
         if parts[0] == "blocks" and ("gate" in parts or "bk" in parts):
             continue

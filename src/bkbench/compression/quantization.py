@@ -105,13 +105,17 @@ def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-class QATLinear(nn.Linear):
-    """A Linear whose forward multiplies fake-quantized weights and inputs (shares the
-    original layer's parameters)."""
+class QATLinear(nn.Module):
+    """A Linear layer whose forward multiplies fake-quantized weights and inputs; it takes
+    over the original layer's parameters (same objects: initialisation and tying kept).
+
+    Deliberately not an ``nn.Linear`` subclass: code that special-cases ``nn.Linear`` (e.g. a
+    loss fusing the LM head's weight into the cross-entropy) must not skip the quantization.
+    """
 
     def __init__(self, linear: nn.Linear, bits: int):
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         device="meta")
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         self.bits = bits
@@ -123,7 +127,8 @@ class QATLinear(nn.Linear):
             return F.linear(fake_quant_tokens(x.float()), w, b)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bits={self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
