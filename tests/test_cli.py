@@ -28,7 +28,7 @@ def run_cli(*args, cwd=None):
     (["--models", "mamba_baseline"], "unknown model"),
     (["--lr", "0"], "lr must be > 0"),
     (["--top-k", "9", "--num-experts", "2"], "top_k (9) cannot exceed"),
-    (["--use-koopman"], "use_koopman is not implemented"),
+    (["--use-curriculum"], "use_curriculum is not implemented"),
     (["--use-analytic-gradient", "--models", "transformer_baseline"], "applies to resnet_bk"),
     (["--data-dir", "/nonexistent/wikitext"], "does not exist"),
     (["--eval-stride", "500"], "eval_stride"),

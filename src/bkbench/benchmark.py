@@ -33,7 +33,7 @@ from .config import BenchmarkConfig, ConfigError
 from .data import load_wikitext2
 from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
 from .metrics.memory import PeakMemory
-from .models import build_model
+from .flags import build_model
 from .results import BenchmarkResults, environment
 from . import runs
 from .train import Trainer, resolve_device, seed_everything
@@ -112,9 +112,10 @@ class WikiText2Benchmark:
                 tokenizer=config.tokenizer)
         return self._data_cache[key]
 
-    def build(self, config: BenchmarkConfig, vocab_size: int) -> torch.nn.Module:
+    def build(self, config: BenchmarkConfig, vocab_size: int):
+        """(the run's model with its flags applied, the flags' hooks)."""
         seed_everything(config.seed)
-        return build_model(config.architecture, vocab_size, **config.model_kwargs())
+        return build_model(config, vocab_size)
 
     # --- one run ---------------------------------------------------------------------------
 
@@ -147,8 +148,10 @@ class WikiText2Benchmark:
             log.info("  output: %s, %s", results_path, self.run_dir(config.model_name))
         _release_freed_memory()
         with PeakMemory(device) as memory:
-            model = self.build(config, vocab_size).to(device)
-            audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
+            model, flags = self.build(config, vocab_size)
+            model = model.to(device)
+            with flags.autocast(device):  # the forward as training runs it
+                audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
             if is_main:
                 log.info("%s causality audit: %s", config.model_name, format_audit(audit))
             if not audit.causal and not config.allow_noncausal:
@@ -164,16 +167,17 @@ class WikiText2Benchmark:
             trainer = Trainer(config, model, data, device,
                               run_dir=self.run_dir(config.model_name), resume=resume,
                               data_fingerprint=fingerprint, progress=self.progress,
-                              progress_interval=self.progress_interval)
+                              progress_interval=self.progress_interval, flags=flags)
             outcome = trainer.fit()
 
         step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
                                         device=device, optimizer=trainer.optimizer,
-                                        seed=config.seed)
+                                        compute_loss=trainer.compute_loss, seed=config.seed)
         eval_flops = measure_forward_flops(model, config.eval_batch_size, config.n_seq,
                                            vocab_size, device=device, seed=config.seed)
         evaluated = (outcome.valid.num_tokens * len(outcome.epoch_perplexities)
                      + outcome.test.num_tokens)
+        flag_records = flags.record(trainer, outcome)
         params = model.num_parameters()
         results = BenchmarkResults(
             model_name=config.model_name,
@@ -211,6 +215,7 @@ class WikiText2Benchmark:
             perplexity_valid_for_lm=audit.causal,
             seed=config.seed,
             environment=environment(device),
+            flags=flag_records,
             **flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
                                   eval_tokens=evaluated),
         )

@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import PRESETS, BenchmarkConfig, ConfigError, build_run_configs, load_yaml
+from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, config_keys,
+                     load_yaml)
+from .flags import registry as flag_registry
 from .runs import check_can_write, renames_run
 
-# torch and everything that imports it are imported by the commands that need them, so that
-# `bkbench --help` starts in well under a second
+# torch and everything that imports it are imported by the commands that need them
 
 EXIT_USAGE = 2
 DEFAULT_OUTPUT_ROOT = Path("benchmark_results") / "wikitext2"
 
 # options that have a dedicated flag with its own help below
 _DEDICATED = {"data_dir", "split_scheme", "device"}
-# run identity comes from --models / the config file's runs, not from per-field overrides
-_NOT_OPTIONS = {"model_name", "architecture"}
+# run identity comes from --models / the config file's runs, not from per-field overrides;
+# flag settings are options by their flat names (--koopman-weight), not as one mapping
+_NOT_OPTIONS = {"model_name", "architecture", "flag_settings"}
 
 _FIELD_HELP = {
     "d_model": "hidden size", "n_layers": "number of blocks", "n_seq": "context length (tokens)",
@@ -85,17 +87,29 @@ def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] 
         if f.name in _DEDICATED or f.name in _NOT_OPTIONS or f.name in exclude:
             continue
         kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
         help_text = _FIELD_HELP.get(f.name)
         if f.name.startswith("use_"):
-            help_text = f"optimisation flag {f.name} (see docs/flags.md)"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=_parse_optional(kind),
-                               default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                               help=help_text)
+            spec = flag_registry.REGISTRY.get(f.name)
+            help_text = (f"{spec.summary} ({', '.join(spec.architectures)})" if spec
+                         else "not implemented yet (refused)")
+        _add_option(group, f.name, kind, help_text)
+    settings = parser.add_argument_group(
+        "flag settings (used when the flag is on; see docs/flags.md)")
+    for name, (spec, f) in flag_registry.settings_fields().items():
+        kind = flag_registry.setting_type(spec.settings, f.name)
+        help_text = f"{spec.name}: {f.metadata.get('help', f.name)} (default: {f.default!r})"
+        _add_option(settings, name, kind, help_text)
+
+
+def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+    else:
+        group.add_argument(flag, dest=name, type=_parse_optional(kind),
+                           default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                           help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,8 +275,7 @@ def _configs_from_args(args: argparse.Namespace,
     if "seeds" in file_values and not allow_seeds:
         raise ConfigError(f"'seeds' in {args.config} applies to `bkbench run` and "
                           f"`bkbench ablate` only, not to `bkbench {args.command}`")
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in {f.name for f in dataclasses.fields(BenchmarkConfig)}}
+    overrides = {k: v for k, v in vars(args).items() if k in config_keys()}
     for name in _DEDICATED:  # dedicated options default to None: unset means "not overridden"
         if overrides.get(name) is None:
             overrides.pop(name, None)
@@ -323,17 +336,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    import torch
+
     from .audit import audit_causality, format_audit
-    from .models import build_model
+    from .flags import build_model
     from .train import seed_everything
 
     configs = _configs_from_args(args)
     all_causal = True
     for config in configs:
         seed_everything(config.seed)
-        model = build_model(config.architecture, args.vocab_size, **config.model_kwargs())
-        audit = audit_causality(model, args.vocab_size, seq_len=config.n_seq,
-                                num_sequences=args.sequences, seed=config.seed)
+        model, flags = build_model(config, args.vocab_size)
+        with flags.autocast(torch.device("cpu")):  # the forward as training runs it
+            audit = audit_causality(model, args.vocab_size, seq_len=config.n_seq,
+                                    num_sequences=args.sequences, seed=config.seed)
         all_causal &= audit.causal
         print(f"{config.model_name}: {format_audit(audit)}")
     return 0 if all_causal else 1

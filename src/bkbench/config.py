@@ -11,16 +11,19 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from .flags import registry as flag_registry
+
 ARCHITECTURES = ("transformer", "resnet_bk", "gla", "lstm")
 
-# The twelve optimisation flags (docs/flags.md), in the seed's order. A flag is accepted
-# only once it is implemented; the rest are rejected so that no flag can be on and do nothing.
+# The twelve optimisation flags (docs/flags.md), in the seed's order. Which of them are
+# implemented, where they apply and what they clash with is bkbench.flags.registry.REGISTRY;
+# a flag that is not registered is refused, so that no flag can be on and do nothing.
 OPTIMIZATION_FLAGS = (
     "use_analytic_gradient",
     "use_koopman",
@@ -35,11 +38,6 @@ OPTIMIZATION_FLAGS = (
     "use_curriculum",
     "use_active_learning",
 )
-
-# flag -> architectures it applies to. Flags missing here are not implemented yet.
-IMPLEMENTED_FLAGS: dict[str, tuple[str, ...]] = {
-    "use_analytic_gradient": ("resnet_bk",),
-}
 
 
 class ConfigError(ValueError):
@@ -130,8 +128,15 @@ class BenchmarkConfig:
     use_early_exit: bool = False
     use_curriculum: bool = False
     use_active_learning: bool = False
+    # each registered flag's own settings, {short flag name: {setting: value}}, complete with
+    # defaults; set them by flat names, e.g. koopman_weight (bkbench.flags.registry)
+    flag_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            self.flag_settings = flag_registry.resolve_settings(self.flag_settings)
+        except flag_registry.FlagConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if self.architecture is None:
             for arch in ARCHITECTURES:
                 if self.model_name.startswith(arch):
@@ -154,17 +159,21 @@ class BenchmarkConfig:
         return dict(common, num_experts=self.num_experts, top_k=self.top_k,
                     bk_heads=self.bk_heads, bk_mode=self.bk_mode, v_max=self.v_max,
                     bk_h0=self.bk_h0, bk_t=self.bk_t, bk_energy=self.bk_energy,
-                    bk_eps=self.bk_eps, moe_balance_weight=self.moe_balance_weight,
-                    analytic_gradient=self.use_analytic_gradient)
+                    bk_eps=self.bk_eps, moe_balance_weight=self.moe_balance_weight)
 
     def enabled_flags(self) -> list[str]:
         return [name for name in OPTIMIZATION_FLAGS if getattr(self, name)]
+
+    def settings(self, flag: str):
+        """The settings dataclass of ``flag`` (e.g. "use_koopman"), None if it has none."""
+        return flag_registry.settings_of(self, flag)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BenchmarkConfig":
+        values = flag_registry.fold_flat_settings(values)
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(_unknown_fields_message(sorted(unknown)))
@@ -255,14 +264,10 @@ class BenchmarkConfig:
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"data_dir {self.data_dir!r} does not exist or is not a directory; "
                               "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
-        for flag in self.enabled_flags():
-            archs = IMPLEMENTED_FLAGS.get(flag)
-            if archs is None:
-                raise ConfigError(f"{flag} is not implemented yet in this version of bkbench; "
-                                  "switch it off (it would otherwise do nothing)")
-            if self.architecture not in archs:
-                raise ConfigError(f"{flag} applies to {', '.join(archs)} models only, not to "
-                                  f"{self.architecture} (run {self.model_name!r})")
+        try:
+            flag_registry.check_flags(self)
+        except flag_registry.FlagConfigError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
 
@@ -290,6 +295,8 @@ def _validate_gla(config: "BenchmarkConfig") -> None:
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a value against the field's type; accept YAML's '1e-3' (a string) for floats."""
+    if name == "flag_settings":
+        return value  # checked field by field by the flag registry
     hint = typing.get_type_hints(BenchmarkConfig)[name]
     optional = type(None) in typing.get_args(hint)
     kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -320,7 +327,7 @@ def _bad_float(name: str, value: Any):
 
 
 def _unknown_fields_message(unknown: list[str]) -> str:
-    known = [f.name for f in fields(BenchmarkConfig)]
+    known = [f.name for f in fields(BenchmarkConfig)] + list(flag_registry.settings_fields())
     parts = []
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)
@@ -423,6 +430,11 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
     return configs
 
 
-__all__ = ["BenchmarkConfig", "ConfigError", "OPTIMIZATION_FLAGS", "PRESETS", "DEFAULT_RUNS",
-           "PEER_RUNS", "ALL_RUNS",
+def config_keys() -> set[str]:
+    """Every name a config mapping may use: the fields and the flat flag-setting names."""
+    return {f.name for f in fields(BenchmarkConfig)} | set(flag_registry.settings_fields())
+
+
+__all__ = ["BenchmarkConfig", "ConfigError", "OPTIMIZATION_FLAGS", "config_keys", "PRESETS",
+           "DEFAULT_RUNS", "PEER_RUNS", "ALL_RUNS",
            "ARCHITECTURES", "build_run_configs", "load_yaml"]

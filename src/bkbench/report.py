@@ -40,6 +40,7 @@ from typing import Any
 from .atomic import write_bytes_atomic, write_json_atomic
 from .compare import (PEER_PAIRS, SEED_PAIRS, as_finite, causal_verdict, compare_results,
                       comparison_path, format_comparison, seed_comparisons)
+from .flags import registry as flag_registry
 from .metrics.contention import contended_reason
 from .results import BenchmarkResults
 from .runs import base_name, group_by_setup, grouped_pairs
@@ -773,6 +774,20 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     doc.table(head, rows)
     _peers_section(doc, results)
     _contention_section(doc, results)
+
+    # --- flags: what each flag that was on did (bkbench.flags.registry, results' "flags")
+    flag_rows = []
+    for n, r in results.items():
+        for flag, rec in (r.flags or {}).items():
+            spec = flag_registry.REGISTRY.get(flag)
+            measured = "; ".join(f"{k}: {_short(v, 60)}" for k, v in
+                                 (rec.get("measured") or {}).items())
+            flag_rows.append([n, f"`{flag}`", spec.summary if spec else "(not in this version)",
+                              _short(rec.get("settings"), 60), measured])
+    if flag_rows:
+        doc.h(2, "Optimisation flags")
+        doc.p("What each flag that was on did, as measured in its run (results' `flags`).")
+        doc.table(["run", "flag", "what it does", "settings", "measured"], flag_rows)
 
     # --- claims
     doc.h(2, "Claims audit")

@@ -83,6 +83,9 @@ class BenchmarkResults:
     causality: dict[str, Any] | None = None
     perplexity_valid_for_lm: bool = True
 
+    # {flag: {"settings": {...}, "measured": {...}}} for every optimisation flag that was on
+    flags: dict[str, Any] = field(default_factory=dict)
+
     seed: int = 0
     environment: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION

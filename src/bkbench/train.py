@@ -23,7 +23,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +36,7 @@ import torch.nn as nn
 from .checkpoint import load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from .config import BenchmarkConfig, ConfigError
 from .eval import EvalResult, evaluate, target_nll
+from .flags import FlagSet
 from .metrics.contention import ContentionMonitor
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,15 @@ class Trainer:
     def __init__(self, config: BenchmarkConfig, model: nn.Module, data, device: torch.device,
                  run_dir: Path | None = None, resume: bool = False,
                  data_fingerprint: dict[str, Any] | None = None, progress: bool = True,
-                 progress_interval: float = 30.0):
+                 progress_interval: float = 30.0, flags: FlagSet | None = None):
         self.config = config
+        if flags is None:
+            if config.enabled_flags():
+                raise ValueError(f"{config.model_name} has flags on ({', '.join(config.enabled_flags())}); "
+                                 "build the model with bkbench.flags.build_model and pass its flags=")
+            flags = FlagSet({})
+        self.flags = flags  # the optimisation flags' hooks (bkbench.flags.base)
+        self.progress = _Progress()
         self.device = device
         self.data = data
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -306,6 +314,7 @@ class Trainer:
         self._log_file = None
         self._tb = None
         self._contention: ContentionMonitor | None = None
+        self._last_terms: dict[str, float] = {}
 
     def _steps_in_flop_budget(self, budget: float) -> int:
         """Whole steps whose counted FLOPs (one real step of this model, optimizer included)
@@ -313,7 +322,8 @@ class Trainer:
         from .metrics.flops import measure_step_flops
         report = measure_step_flops(self.model, self.config.batch_size, self.config.n_seq,
                                     self._vocab_size(), device=self.device,
-                                    optimizer=self.optimizer, seed=self.config.seed)
+                                    optimizer=self.optimizer, compute_loss=self.compute_loss,
+                                    seed=self.config.seed)
         self.budget_step_flops = report.total
         steps = int(budget // report.total)
         if steps < 1:
@@ -339,7 +349,7 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return torch.randperm(self.num_windows, generator=g)
+        return self.flags.select_windows(self, epoch, torch.randperm(self.num_windows, generator=g))
 
     def batch(self, order: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of global batch ``index`` of an epoch: (inputs, targets)."""
@@ -348,6 +358,17 @@ class Trainer:
         offsets = torch.arange(n + 1)
         chunk = self.data.train[windows[:, None] * n + offsets]
         return chunk[:, :-1].to(self.device), chunk[:, 1:].to(self.device)
+
+    def model_structure_changed(self, reset_model_selection: bool) -> None:
+        """A flag removed parameters (e.g. pruned experts): rewrap DDP, and with
+        ``reset_model_selection`` forget the best epoch, whose weights no longer fit."""
+        if self.distributed:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if reset_model_selection:
+            self.progress.best_valid = None
+            self.progress.best_epoch = -1
+            self.best_state = None
 
     # --- checkpoints and logs ------------------------------------------------------------
 
@@ -366,6 +387,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "data": self.data_fingerprint,
             "world_size": self.world,
+            "flags": self.flags.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -405,6 +427,8 @@ class Trainer:
             raise CheckpointMismatchError(
                 f"checkpoint {ckpt.path} belongs to a different run; differences: "
                 + "; ".join(diffs) + ". Use another --output-dir or delete the checkpoint.")
+        # before the weights: a flag that changed the model's structure rebuilds it first
+        self.flags.load_state_dict(ckpt.state["flags"], self)
         self.model.load_state_dict(ckpt.model)
         self.best_state = ckpt.best_model
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
@@ -455,12 +479,6 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def _autocast(self):
-        if not self.config.use_mixed_precision:
-            return nullcontext()
-        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -471,10 +489,11 @@ class Trainer:
 
         ``cross_entropy_sum`` is the summed NLL of this rank's targets; the loss scales it by
         world / global tokens because DDP averages gradients over ranks, so the average is the
-        global mean. Every other term (MoE balance, ...) is added to the loss as it is.
+        global mean. Every other term (MoE balance, the flags' loss terms) is added to the loss as it is. The FLOP
+        measurement calls this same function.
         """
         global_tokens = self.config.batch_size * self.config.n_seq
-        with self._autocast():
+        with self.flags.autocast(self.device):
             # the LM head runs fused with the cross-entropy, chunk by chunk (ops.lm_loss)
             ce_sum = target_nll(self.model, inputs, targets, call=self.ddp_model)
         terms = {"cross_entropy_sum": ce_sum}
@@ -483,6 +502,10 @@ class Trainer:
         if aux is not None:
             terms["moe_balance"] = aux
             loss = loss + aux
+        for name, term in self.flags.loss_terms(self.model, inputs, targets,
+                                                self.progress.step).items():
+            terms[name] = term
+            loss = loss + term
         return loss, terms
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
@@ -507,6 +530,9 @@ class Trainer:
                 f"(non-finite gradients in {', '.join(bad[:5]) or 'none found'}); stopping")
         self.optimizer.step()
         self.scheduler.step()
+        self.flags.after_optimizer_step(self, terms)
+        self._last_terms = {k: v.detach().item() for k, v in terms.items()
+                            if k != "cross_entropy_sum"}
         ce = ce_sum.detach()
         if self.distributed:
             dist.all_reduce(ce)
@@ -515,15 +541,16 @@ class Trainer:
     def _validate(self, split: torch.Tensor) -> EvalResult:
         self._sync()
         start = time.perf_counter()
-        dtype = None
-        if self.config.use_mixed_precision:
-            dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        result = evaluate(self.model, split, self.config.n_seq, self.config.eval_batch_size,
-                          stride=self.config.eval_stride, bos_id=self.data.vocab.eos_id,
-                          device=self.device, autocast_dtype=dtype)
+        result = self.evaluate(self.flags.prepare_for_eval(self.model), split)
         self._sync()
         self.progress.eval_time += time.perf_counter() - start
         return result
+
+    def evaluate(self, model: nn.Module, split: torch.Tensor) -> EvalResult:
+        """Held-out perplexity of ``model`` on ``split`` as the run evaluates (flags' autocast)."""
+        return evaluate(model, split, self.config.n_seq, self.config.eval_batch_size,
+                        stride=self.config.eval_stride, bos_id=self.data.vocab.eos_id,
+                        device=self.device, autocast_dtype=self.flags.autocast_dtype(self.device))
 
     def fit(self) -> TrainOutcome:
         self._try_resume()
@@ -588,7 +615,8 @@ class Trainer:
                     lr = self.scheduler.get_last_lr()[0]
                     tok_s = tokens_per_step / elapsed
                     self._log("train", p.step, loss=loss, lr=lr, grad_norm=grad_norm,
-                              tokens_per_second=tok_s)
+                              tokens_per_second=tok_s,
+                              **{f"term_{k}": v for k, v in self._last_terms.items()})
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -606,6 +634,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         p = self.progress
+        self.flags.on_epoch_end(self)
         valid = self._validate(self.data.valid)
         p.epoch_losses.append(p.epoch_loss_sum / max(1, p.epoch_loss_count))
         p.epoch_perplexities.append(valid.perplexity)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import write_bytes_atomic, write_json_atomic
-from ..config import BenchmarkConfig, ConfigError, IMPLEMENTED_FLAGS, OPTIMIZATION_FLAGS
+from ..config import BenchmarkConfig, ConfigError, OPTIMIZATION_FLAGS
+from ..flags.registry import REGISTRY
 from ..results import BenchmarkResults
 from .seeds import expand_seeds
 from .stats import summarize, welch_difference_ci
@@ -40,7 +41,7 @@ ALL_ROW = "bk-all"
 
 def applicable_flags(architecture: str = "resnet_bk") -> list[str]:
     """The implemented optimization flags that apply to ``architecture``, in the seed's order."""
-    return [f for f in OPTIMIZATION_FLAGS if architecture in IMPLEMENTED_FLAGS.get(f, ())]
+    return [f for f in OPTIMIZATION_FLAGS if f in REGISTRY and architecture in REGISTRY[f].architectures]
 
 
 def _row_name(flag: str) -> str:

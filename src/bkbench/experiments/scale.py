@@ -86,13 +86,13 @@ class _RandomTokens:
 
 
 def _one_step_trainer(config: BenchmarkConfig, vocab_size: int, device):
-    from ..models import build_model
+    from ..flags import build_model
     from ..train import Trainer, seed_everything
 
     seed_everything(config.seed)
-    model = build_model(config.architecture, vocab_size, **config.model_kwargs())
+    model, flags = build_model(config, vocab_size)
     data = _RandomTokens(vocab_size, config.batch_size * config.n_seq + 1, config.seed)
-    trainer = Trainer(config, model, data, device, run_dir=None, progress=False)
+    trainer = Trainer(config, model, data, device, run_dir=None, progress=False, flags=flags)
     return trainer
 
 

@@ -811,6 +811,7 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
                        device: str | torch.device = "cpu", optimizer: Any = None,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                        grad_clip: bool = True, autocast_dtype: torch.dtype | None = None,
+                       compute_loss: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
                        seed: int = 0) -> FlopReport:
     """Count the FLOPs of one real training step of ``model`` (see the module docstring).
 
@@ -821,6 +822,10 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
     AdamW over the trainable parameters) is charged by formula, with gradient clipping when
     ``grad_clip``. The model's parameters, gradients, buffers, modes and the RNG state are
     left as they were; no optimizer step is taken.
+
+    ``compute_loss(inputs, targets) -> (loss, terms)``, when given, replaces the forward and
+    the loss: pass the trainer's own (``Trainer.compute_loss``), so that what is counted is
+    the objective that trains, flags' loss terms and autocast included.
     """
     device = torch.device(device)
     components = _components(model)
@@ -838,20 +843,33 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
         tracker.install()
         try:
             with counter, tracker, census:
-                with autocast:
-                    tracker._enter_root()
+                if compute_loss is not None:
+                    # ops of the model's own forward body are 'other', as below
+                    root = [model.register_forward_pre_hook(lambda m, a: tracker._enter_root()),
+                            model.register_forward_hook(lambda m, a, o: tracker._stack.clear(),
+                                                        always_call=True)]
                     try:
-                        logits = model(inputs, return_features=True) if head is not None else model(inputs)
+                        loss, _ = compute_loss(inputs, targets)
                     finally:
-                        tracker._stack.clear()
-                    if head is not None:
-                        loss = lm_head_nll(logits, head.weight, head.bias,
-                                           targets) / targets.numel()
-                if head is None:
-                    loss = loss_fn(logits, targets)
-                aux = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
-                if aux is not None:
-                    loss = loss + aux
+                        for h in root:
+                            h.remove()
+                    logits = aux = None
+                else:
+                    with autocast:
+                        tracker._enter_root()
+                        try:
+                            logits = (model(inputs, return_features=True) if head is not None
+                                      else model(inputs))
+                        finally:
+                            tracker._stack.clear()
+                        if head is not None:
+                            loss = lm_head_nll(logits, head.weight, head.bias,
+                                               targets) / targets.numel()
+                    if head is None:
+                        loss = loss_fn(logits, targets)
+                    aux = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
+                    if aux is not None:
+                        loss = loss + aux
                 forward_counts = _snapshot(counter.get_flop_counts())
                 census.phase = "backward"
                 loss.backward()

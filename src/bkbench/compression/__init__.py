@@ -1,0 +1,1 @@
+"""Flags that change a model's weights and numbers: quantization, pruning, mixed precision."""

@@ -1,0 +1,1 @@
+"""Auxiliary training objectives that are optimisation flags (Koopman, physics-informed)."""

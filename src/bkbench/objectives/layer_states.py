@@ -1,0 +1,49 @@
+"""The hidden states along depth, h_0 (the first block's input) .. h_L (the last block's output).
+
+Both auxiliary objectives act on the layer-to-layer dynamics h_l -> h_{l+1} of the residual
+stream at each position. Forward hooks on the model's ``blocks`` keep the states of the last
+forward (references to tensors autograd keeps anyway in training); nothing in the forward's
+arithmetic changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class LayerStates:
+    def __init__(self, model: nn.Module, flag: str):
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ValueError(f"{flag} needs a model with a ModuleList of blocks")
+        self.states: list[torch.Tensor] = []
+        blocks[0].register_forward_pre_hook(self._start)
+        for block in blocks:
+            block.register_forward_hook(self._add)
+
+    def __deepcopy__(self, memo) -> "LayerStates":
+        # a copied model (e.g. the integer evaluation model) records into its own, empty list
+        copied = object.__new__(LayerStates)
+        copied.states = []
+        return copied
+
+    def _start(self, module, args) -> None:
+        self.states = [args[0]]
+
+    def _add(self, module, args, output) -> None:
+        self.states.append(output)
+
+    def stacked(self) -> torch.Tensor:
+        """(L + 1, B, T, d) states of the last forward, float32."""
+        if not self.states:
+            raise RuntimeError("no forward has run since the hooks were installed")
+        return torch.stack([s.float() for s in self.states])
+
+
+def held_out_windows(split: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """The first ``count`` whole windows of ``seq_len`` tokens of a held-out split, (n, T)."""
+    n = min(count, split.numel() // seq_len)
+    if n < 1:
+        raise ValueError(f"held-out split of {split.numel()} tokens has no window of {seq_len}")
+    return split[: n * seq_len].view(n, seq_len)
