@@ -148,6 +148,28 @@ def test_missing_runs_or_measurements_are_untestable():
     assert v["training_time"] == "UNTESTABLE" and v["forward_flops"] == "PASS"
 
 
+@pytest.mark.parametrize("field,a,b", [("epochs", 3, 5), ("max_steps", None, 200),
+                                        ("max_tokens", None, 10**6), ("lr", 1e-3, 3e-3),
+                                        ("seed", 42, 43), ("dropout", 0.1, 0.0),
+                                        ("batch_size", 32, 16), ("eval_stride", None, 64)])
+def test_claims_need_the_same_training_recipe(field, a, b):
+    results = passing_set()
+    results["transformer_baseline"].config[field] = a
+    results["resnet_bk_full"].config[field] = b
+    claims = audit_claims(results)
+    assert {c.verdict for c in claims} == {"UNTESTABLE"}
+    assert all(f"{field}: {a!r} vs {b!r}" in c.reason for c in claims)
+
+
+def test_flags_and_architecture_fields_may_differ():
+    results = passing_set()
+    bk = results["resnet_bk_full"].config
+    bk.update(num_experts=4, top_k=1, bk_heads=1, moe_balance_weight=0.01, device="cuda",
+              data_dir="/elsewhere", checkpoint_every=50)
+    results["transformer_baseline"].config.update(n_heads=4, data_dir="/data")
+    assert set(verdicts(results).values()) == {"PASS"}
+
+
 def test_compare_results_ratios_and_nulls(tmp_path):
     results = passing_set()
     a, b = results["transformer_baseline"], results["resnet_bk_full"]

@@ -9,8 +9,10 @@ verdict from the measured numbers: PASS, FAIL, or UNTESTABLE when this run canno
 claim's condition. Conditions, chosen so that nothing the run could not test passes:
 
 * every claim compares ``resnet_bk_full`` with ``transformer_baseline``: both must be present
-  and share the training setup (d_model, n_layers, n_seq, batch_size, data variant, split
-  scheme, tokenizer);
+  and share the whole training recipe -- every config field except the optimisation flags,
+  the architecture-specific model fields and :data:`NOT_RECIPE` (budget, lr, schedule, seed,
+  dropout, batch size, data and evaluation included); else every claim is UNTESTABLE, naming
+  the fields that differ;
 * perplexity: held-out test perplexities scored on the same tokens; the Transformer must pass
   the causality audit (else UNTESTABLE: no valid reference) and so must ResNet-BK (a model
   that sees the future has no language-model perplexity: FAIL); unaudited: UNTESTABLE;
@@ -26,6 +28,7 @@ claim's condition. Conditions, chosen so that nothing the run could not test pas
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic
+from .config import ARCHITECTURES, OPTIMIZATION_FLAGS, BenchmarkConfig
 from .compare import (as_finite, causal_verdict, format_comparison, seed_comparisons,
                       write_seed_comparisons)
 from .results import BenchmarkResults
@@ -45,8 +49,12 @@ __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claim
 
 LONG_SEQUENCE_N = 2048
 BASELINE, CANDIDATE = "transformer_baseline", "resnet_bk_full"
-SHARED_SETUP = ("d_model", "n_layers", "n_seq", "batch_size", "variant", "split_scheme",
-                "tokenizer")
+# Fields of a run's config that are not its training recipe: its name and architecture, and
+# settings that cannot change its numbers (where the data and files live, durability,
+# logging). Flags and architecture-specific model fields are excluded by
+# :func:`recipe_differences` too; every other field must match for the claims to be tested.
+NOT_RECIPE = frozenset({"model_name", "architecture", "data_dir", "device", "checkpoint_every",
+                        "keep_checkpoints", "tensorboard", "allow_noncausal"})
 COMPONENT_ORDER = ("embedding", "mixer", "feed_forward", "lm_head", "loss", "other", "optimizer")
 COMPONENT_COLORS = {"embedding": "#8c6d31", "mixer": "#1f77b4", "feed_forward": "#2ca02c",
                     "lm_head": "#d62728", "loss": "#9467bd", "other": "#7f7f7f",
@@ -115,6 +123,22 @@ def _same_device(a: BenchmarkResults, b: BenchmarkResults) -> tuple[bool, str]:
     return True, ""
 
 
+def _architecture_fields() -> set[str]:
+    """Config fields that configure one architecture's model only (in the model kwargs of
+    one architecture and not of another); the optimisation flags are left to the caller."""
+    kwargs = [set(BenchmarkConfig(architecture=a).model_kwargs()) for a in ARCHITECTURES]
+    shared = set.intersection(*kwargs)
+    names = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    return {k for k in set.union(*kwargs) - shared if k in names}
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Config fields in which two runs' training recipes differ: every field except the
+    flags, the architecture-specific model fields and :data:`NOT_RECIPE`."""
+    skip = NOT_RECIPE | set(OPTIMIZATION_FLAGS) | _architecture_fields()
+    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
+
+
 def _claim(name, statement, condition, measured, verdict, reason, value=None) -> Claim:
     return Claim(name=name, statement=statement, measured=measured, verdict=verdict,
                  reason=reason, condition=condition, value=value)
@@ -139,10 +163,10 @@ def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
         missing = [n for n in (BASELINE, CANDIDATE) if n not in results]
         return [_claim(n, s, c, "n/a", "UNTESTABLE",
                        f"run(s) {', '.join(missing)} not in these results") for n, s, c in specs]
-    setup_diff = [k for k in SHARED_SETUP if tf.config.get(k) != bk.config.get(k)]
+    setup_diff = recipe_differences(tf.config, bk.config)
     if setup_diff:
-        reason = "the two runs do not share the training setup (" + ", ".join(
-            f"{k}: {tf.config.get(k)} vs {bk.config.get(k)}" for k in setup_diff) + ")"
+        reason = "the two runs do not share the training recipe (" + ", ".join(
+            f"{k}: {tf.config.get(k)!r} vs {bk.config.get(k)!r}" for k in setup_diff) + ")"
         return [_claim(n, s, c, "n/a", "UNTESTABLE", reason) for n, s, c in specs]
     proxy = "proxy" in (tf.config.get("split_scheme"), bk.config.get("split_scheme"))
     n_seq = int(tf.config.get("n_seq") or 0)
