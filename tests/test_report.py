@@ -35,7 +35,13 @@ def _flops(fwd: float, bwd: float, opt: float, steps: int) -> dict:
             "analytic": {"architecture": "transformer", "forward": fwd, "backward": bwd,
                          "forward_rel_diff": 0.0, "backward_rel_diff": 0.0, "notes": "mm"},
             "optimizer_name": "adamw", "optimizer_flops_per_parameter": 17,
+            "optimizer_flops_per_parameter_without_decay": 16, "decayed_parameters": 900,
             "num_parameters": 1000, "optimizer_explanation": "AdamW 14 + clipping 3",
+            "sources": {"forward": {"counted": int(fwd) - 12345, "formula": 12345},
+                        "backward": {"counted": int(bwd) - 23456, "formula": 23456},
+                        "optimizer": {"counted": 0, "formula": int(opt)},
+                        "uncounted": {"counted": 0, "formula": int(0.05 * (fwd + bwd))},
+                        "explanation": "counted: by the counter; formula: by hand"},
             "notes": []}
 
 
@@ -215,6 +221,11 @@ def test_report_from_json_files(results_dir, capsys):
     for text in ("PROXY", "Claims audit", "PASS", "abc123", "training_curves.png",
                  "resnet_bk_full", "Causality audit", "Not counted"):
         assert text in md, text
+    # every FLOP figure is labelled counted or formula
+    assert "opt FLOPs/step (formula)" in md and "fwd FLOPs/step (counted+formula)" in md
+    assert "| figure | counted | formula |" in md
+    assert "| backward / step | 2.000e+12 | 2.346e+04 |" in md      # 2e12 - 23456 counted
+    assert "for each of 900 parameters with weight decay, 16 for each of 100 without" in md
     page = (results_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "<img src=\"training_curves.png\"" not in page      # self-contained

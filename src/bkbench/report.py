@@ -415,7 +415,8 @@ def plot_training_curves(results: dict[str, BenchmarkResults], path: Path) -> Pa
     else:
         ax_flops.text(0.5, 0.5, "FLOPs not measured", ha="center", va="center",
                       transform=ax_flops.transAxes)
-    ax_flops.set(title="Total training FLOPs (counted; steps x per-step)", ylabel="FLOPs")
+    ax_flops.set(title="Total training FLOPs (counted + formula; steps x per-step)",
+                 ylabel="FLOPs")
     ax_flops.grid(True, axis="y", alpha=0.3)
     return _finish_figure(fig, path, "WikiText-2 training curves",
                           "PROXY split scheme (not official WikiText-2 numbers)"
@@ -687,11 +688,13 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     # --- results
     doc.h(2, "Results" + (" (PROXY split scheme)" if proxy else ""))
     doc.p("Perplexities are held-out: validation = best epoch's (model selection), test = "
-          "from the best-validation weights, every target token scored once. FLOPs per step "
-          "are counted by torch's FlopCounterMode (matrix products and registered ops); "
-          "training FLOPs = steps x per-step.")
+          "from the best-validation weights, every target token scored once. FLOPs per step: "
+          "forward and backward are counted by torch's FlopCounterMode (matrix products) plus "
+          "the BK-Core's registered formula; the optimizer is a formula (the FLOPs section "
+          "splits every figure into counted and formula); training FLOPs = steps x per-step.")
     head = ["run", "params", "valid ppl", "test ppl", "test tokens", "causality",
-            "fwd FLOPs/step", "bwd FLOPs/step", "opt FLOPs/step", "training FLOPs",
+            "fwd FLOPs/step (counted+formula)", "bwd FLOPs/step (counted+formula)",
+            "opt FLOPs/step (formula)", "training FLOPs (counted+formula)",
             "train time (s)", "tokens/s", "peak mem (MiB)", "size (MiB)"]
     rows = []
     for n, r in results.items():
@@ -737,6 +740,18 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                          f"{100 * s / total_step:.1f}%"])
         doc.table(["component", "forward / step", "backward / step", "optimizer / step",
                    "share"], rows)
+        src = fl.get("sources") or {}
+        if src:
+            labels = [("forward / step", "forward"), ("backward / step", "backward"),
+                      ("optimizer / step", "optimizer"),
+                      ("not counted, estimate / step", "uncounted"),
+                      ("evaluation, whole run", "evaluation")]
+            doc.table(["figure", "counted", "formula"],
+                      [[label, _e((src[key] or {}).get("counted")),
+                        _e((src[key] or {}).get("formula"))]
+                       for label, key in labels if key in src])
+            if src.get("explanation"):
+                doc.p(src["explanation"] + ".")
         an = fl.get("analytic")
         if an:
             doc.p(f"Analytic cross-check ({an.get('architecture')}): forward "
@@ -755,9 +770,17 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                 doc.table(["uncounted kind", "FLOPs / step (estimate)"],
                           [[k, _e(v)] for k, v in cats.items()])
         if fl.get("optimizer_explanation"):
-            doc.p(f"Optimizer: {fl.get('optimizer_name')}, "
-                  f"{fl.get('optimizer_flops_per_parameter')} FLOPs per parameter per step over "
-                  f"{fl.get('num_parameters', 0):,} parameters. {fl['optimizer_explanation']}.")
+            decayed = fl.get("decayed_parameters")
+            if decayed is None:    # results from before the split by weight decay
+                per = (f"{fl.get('optimizer_flops_per_parameter')} FLOPs per parameter per step "
+                       f"over {fl.get('num_parameters', 0):,} parameters")
+            else:
+                per = (f"{fl.get('optimizer_flops_per_parameter')} FLOPs per step for each of "
+                       f"{decayed:,} parameters with weight decay, "
+                       f"{fl.get('optimizer_flops_per_parameter_without_decay')} for each of "
+                       f"{fl.get('num_parameters', 0) - decayed:,} without")
+            doc.p(f"Optimizer (formula): {fl.get('optimizer_name')}, {per}. "
+                  f"{fl['optimizer_explanation']}.")
         rng = fl.get("per_step_range")
         if rng:
             doc.p("Per-step variation: " + str(rng.get("explanation", "")))
