@@ -44,6 +44,8 @@ _FIELD_HELP = {
     "moe_balance_weight": "weight of the MoE load-balancing loss",
     "batch_size": "training windows per step", "epochs": "training epochs",
     "max_steps": "stop after this many steps", "max_tokens": "stop after this many training tokens",
+    "budget_flops": "equal compute: stop before the counted training FLOPs exceed this",
+    "budget_seconds": "equal compute: stop once training time reaches this (s)",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay on matrices",
     "grad_clip": "gradient-norm clipping threshold", "warmup_steps": "linear warm-up steps",
     "min_lr_ratio": "final learning rate as a fraction of lr (cosine)", "seed": "random seed",
@@ -71,10 +73,10 @@ def _parse_optional(kind: type):
     return parse
 
 
-def _add_config_fields(parser: argparse.ArgumentParser) -> None:
+def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
-        if f.name in _DEDICATED or f.name in _NOT_OPTIONS:
+        if f.name in _DEDICATED or f.name in _NOT_OPTIONS or f.name in exclude:
             continue
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue unfinished runs from their latest checkpoint and skip "
                           "runs whose results are complete")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--seeds", metavar="S,S,...",
+                     help="repeat every run once per seed (runs named <run>-seed<S>); the report "
+                          "adds means, 95%% intervals and Welch's t-test p-values "
+                          "(or 'seeds:' in the config file)")
     _add_config_fields(run)
 
     audit = sub.add_parser(
@@ -140,6 +146,64 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--sequences", type=int, default=2,
                        help="random sequences per perturbed position (default: %(default)s)")
     _add_config_fields(audit)
+
+    ablate = sub.add_parser(
+        "ablate", help="ResNet-BK baseline, each flag alone, all flags: one table",
+        description="Train the ResNet-BK baseline, then each implemented optimization flag alone, "
+                    "then all of them together, with the same setup and seeds, and write "
+                    "ablation.json, ablation.md and ablation.png (test perplexity and its "
+                    "difference from the baseline with a confidence interval, FLOPs per step, "
+                    "tokens/s, peak memory, model size).")
+    ablate.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="starting values (default: %(default)s)")
+    ablate.add_argument("--config", type=Path, metavar="FILE.yaml",
+                        help="YAML file of shared config fields (and optionally 'seeds')")
+    ablate.add_argument("--seeds", metavar="S,S,...",
+                        help="repeat every row once per seed (intervals need two or more)")
+    ablate.add_argument("--jobs", type=int, default=1,
+                        help="rows trained at once (> 1 makes their timings contended; "
+                             "default: %(default)s)")
+    ablate.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="WikiText-2 folder")
+    ablate.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"])
+    ablate.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
+    ablate.add_argument("--output-dir", type=Path, default=Path("benchmark_results/ablation"),
+                        help="where the rows' results and the table go (default: %(default)s)")
+    ablate.add_argument("--resume", action="store_true",
+                        help="continue unfinished rows and reuse complete ones")
+    ablate.add_argument("--overwrite", action="store_true", help="redo an existing ablation")
+    ablate.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_fields(ablate, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
+                                                 if f.name.startswith("use_")))
+
+    scale = sub.add_parser(
+        "scale", help="sweep sequence length (or model size) and fit cost exponents",
+        description="For each model, measure training tokens/s, peak memory and FLOPs per token "
+                    "at each value of one swept axis (each point in its own process), fit "
+                    "cost = c * x^p per model and metric, and write scale.json and plots.")
+    scale.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                       help="starting values (default: %(default)s)")
+    scale.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML config file")
+    scale.add_argument("--models", metavar="A,B",
+                       help="comma-separated runs to sweep (default: transformer_baseline,"
+                            "resnet_bk_full)")
+    sweep = scale.add_mutually_exclusive_group(required=True)
+    for axis in ("n_seq", "d_model", "n_layers"):
+        sweep.add_argument("--" + axis.replace("_", "-"), dest="sweep_" + axis, metavar="N,N,...",
+                           help=f"values of {axis} to sweep (comma-separated)")
+    scale.add_argument("--tokens-per-batch", type=int, metavar="T",
+                       help="tokens per training batch along an n_seq sweep (batch = T // n_seq; "
+                            "default: the preset's batch_size x n_seq)")
+    scale.add_argument("--vocab-size", type=int, default=13777,
+                       help="vocabulary of the measured models (default: %(default)s, the proxy "
+                            "scheme's word vocabulary)")
+    scale.add_argument("--steps", type=int, default=5, help="timed steps per point (median)")
+    scale.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    scale.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
+    scale.add_argument("--output-dir", type=Path, default=Path("benchmark_results/scale"),
+                       help="where scale.json and the plots go (default: %(default)s)")
+    scale.add_argument("--overwrite", action="store_true", help="replace an existing scale.json")
+    scale.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_fields(scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
     report = sub.add_parser("report", help="rebuild report.md/html and plots from a results folder",
                             description="Rebuild the plots, report.md, report.html and the claims "
@@ -166,22 +230,33 @@ def failure_exit_code(exc: BaseException) -> int | None:
     return None
 
 
-def _configs_from_args(args: argparse.Namespace) -> list[BenchmarkConfig]:
+def _configs_from_args(args: argparse.Namespace,
+                       allow_seeds: bool = False) -> list[BenchmarkConfig]:
     file_values = load_yaml(args.config) if args.config else {}
+    if "seeds" in file_values and not allow_seeds:
+        raise ConfigError(f"'seeds' in {args.config} applies to `bkbench run` and "
+                          f"`bkbench ablate` only, not to `bkbench {args.command}`")
     overrides = {k: v for k, v in vars(args).items()
                  if k in {f.name for f in dataclasses.fields(BenchmarkConfig)}}
     for name in _DEDICATED:  # dedicated options default to None: unset means "not overridden"
         if overrides.get(name) is None:
             overrides.pop(name, None)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    return build_run_configs(args.preset, file_values, overrides, models)
+    seeds = getattr(args, "seeds", None) or file_values.pop("seeds", None)
+    configs = build_run_configs(args.preset, file_values, overrides, models)
+    if seeds is None:
+        return configs
+    from .experiments.seeds import expand_seeds, parse_seeds
+    if "seed" in overrides:
+        raise ConfigError("give either --seed or --seeds, not both")
+    return expand_seeds(configs, parse_seeds(seeds))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .benchmark import RunFailedError, WikiText2Benchmark
     from .report import report_main
 
-    configs = _configs_from_args(args)
+    configs = _configs_from_args(args, allow_seeds=True)
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
     bench = WikiText2Benchmark(args.output_dir, progress=not args.quiet and is_main)
@@ -224,6 +299,53 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if all_causal else 1
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from .benchmark import RunFailedError
+    from .experiments.ablate import format_table, run_ablation
+    from .experiments.seeds import parse_seeds
+
+    file_values = load_yaml(args.config) if args.config else {}
+    if "runs" in file_values:
+        raise ConfigError(f"'runs' in {args.config} does not apply to `bkbench ablate`: its rows "
+                          "are the baseline, each flag alone and all flags")
+    seeds = args.seeds or file_values.pop("seeds", None)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in {f.name for f in dataclasses.fields(BenchmarkConfig)} and v is not None}
+    if seeds is not None and "seed" in overrides:
+        raise ConfigError("give either --seed or --seeds, not both")
+    base = build_run_configs(args.preset, file_values, overrides, ["resnet_bk_baseline"])[0]
+    try:
+        table = run_ablation(base, args.output_dir,
+                             seeds=parse_seeds(seeds) if seeds is not None else None,
+                             jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    except RunFailedError as exc:
+        return exc.exit_code
+    print(format_table(table))
+    print(f"written: {args.output_dir / 'ablation.json'}, ablation.md, ablation.png")
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .experiments.scale import format_scale, parse_int_list, run_scale
+
+    axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
+    values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
+    if args.vocab_size < 2:
+        raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
+    if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
+        raise ConfigError(f"--tokens-per-batch must be positive, got {args.tokens_per_batch}")
+    if not args.models:
+        args.models = "transformer_baseline,resnet_bk_full"
+    configs = _configs_from_args(args)
+    result = run_scale(configs, axis, values, args.vocab_size, args.output_dir,
+                       tokens_per_batch=args.tokens_per_batch, steps=args.steps,
+                       warmup=args.warmup, overwrite=args.overwrite, progress=not args.quiet)
+    print(format_scale(result))
+    print(f"\nwritten: {args.output_dir / 'scale.json'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report_main
     return report_main(str(args.results_dir))
@@ -234,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"run": _cmd_run, "audit": _cmd_audit, "report": _cmd_report}
+    commands = {"run": _cmd_run, "audit": _cmd_audit, "ablate": _cmd_ablate,
+                "scale": _cmd_scale,
+                "report": _cmd_report}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointMismatchError) as exc:

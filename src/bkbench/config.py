@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -81,6 +82,11 @@ class BenchmarkConfig:
     epochs: int = 5
     max_steps: int | None = None
     max_tokens: int | None = None
+    # equal-compute budgets: stop when the counted FLOPs (steps x the step's counted FLOPs,
+    # optimizer included) would exceed budget_flops, or when training time reaches
+    # budget_seconds (the learning-rate schedule still follows the step budget above)
+    budget_flops: float | None = None
+    budget_seconds: float | None = None
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 0.5
@@ -184,6 +190,10 @@ class BenchmarkConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        for name in ("budget_flops", "budget_seconds"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number or null, got {value!r}")
         if self.epochs == 0 and self.max_steps is None and self.max_tokens is None:
             raise ConfigError("no training budget: set epochs >= 1, max_steps or max_tokens")
         if self.eval_stride is not None and self.eval_stride > self.n_seq:

@@ -144,8 +144,81 @@ def _claim(name, statement, condition, measured, verdict, reason, value=None) ->
                  reason=reason, condition=condition, value=value)
 
 
-def audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
-    """Verdicts on the seed's expected results (see the module docstring for the conditions)."""
+def audit_claims(results: dict[str, BenchmarkResults],
+                 scale: dict[str, Any] | None = None) -> list[Claim]:
+    """Verdicts on the seed's expected results (see the module docstring for the conditions).
+
+    Runs repeated over seeds (``<run>-seed<s>``) are judged by their means, and the claim says
+    so. With a sequence-length sweep (``scale``, from ``bkbench scale``), the time and memory
+    claims that the run's own n_seq cannot test are judged from the sweep instead.
+    """
+    results, seeds_used = _with_seed_means(results)
+    claims = _audit_claims(results)
+    for c in claims:
+        if seeds_used.get(c.name):
+            c.measured += f" [mean of {seeds_used[c.name]} seeds]"
+    if scale is not None:
+        claims = [_judge_from_scale(c, scale) for c in claims]
+    return claims
+
+
+def _with_seed_means(results: dict[str, BenchmarkResults]
+                     ) -> tuple[dict[str, BenchmarkResults], dict[str, int]]:
+    """Add the seed means of the two audited runs when only their seed repeats exist."""
+    from .experiments.seeds import mean_results, seed_groups
+    groups = seed_groups(results)
+    out, counts = dict(results), {}
+    for name in (BASELINE, CANDIDATE):
+        if name not in out and name in groups:
+            out[name] = mean_results(groups[name])
+            counts[name] = len(groups[name])
+    n = min(counts.values()) if counts else 0
+    return out, ({k: n for k in ("perplexity", "forward_flops", "backward_flops",
+                                 "training_time", "peak_memory")} if n else {})
+
+
+def _judge_from_scale(claim: Claim, scale: dict[str, Any]) -> Claim:
+    """Re-judge a time/memory claim that was UNTESTABLE for want of long sequences."""
+    from .experiments.scale import scale_claims
+    if claim.name not in ("training_time", "peak_memory") or claim.verdict != "UNTESTABLE" \
+            or "long sequences" not in claim.reason:
+        return claim
+    s = scale_claims(scale, BASELINE, CANDIDATE)
+    if s is None:
+        return claim
+    n, source = s["n_seq"], f"scale sweep ({scale.get('values')})"
+    if s["same_setup"]:
+        return _claim(claim.name, claim.statement, claim.condition, claim.measured, "UNTESTABLE",
+                      f"the {source} ran the two models with different settings "
+                      f"({', '.join(s['same_setup'])})")
+    if n < LONG_SEQUENCE_N:
+        return _claim(claim.name, claim.statement, claim.condition, claim.measured, "UNTESTABLE",
+                      f"the {source} reaches n_seq = {n} < {LONG_SEQUENCE_N}")
+    if claim.name == "training_time":
+        e = s["time_exponents"]
+        ratio = s["speedup"]
+        measured = (f"{ratio:.2f}x faster per token at n_seq = {n}; time/token exponents "
+                    f"{BASELINE} {_f(e[BASELINE])}, {CANDIDATE} {_f(e[CANDIDATE])}")
+        ok = ratio >= 5.0
+        reason = f"speed-up {ratio:.2f} {'>=' if ok else '<'} 5 at n_seq = {n}, from the {source}"
+        if ok and ratio > 10:
+            reason += "; beyond the stated 5-10x range"
+    else:
+        e = s["memory_exponents"]
+        ratio = s["memory_saving"]
+        if ratio is None:
+            return claim
+        measured = (f"{100 * ratio:.1f}% lower peak memory at n_seq = {n}; memory exponents "
+                    f"{BASELINE} {_f(e[BASELINE])}, {CANDIDATE} {_f(e[CANDIDATE])}")
+        ok = ratio >= 0.30
+        reason = f"saving {100 * ratio:.1f}% {'>=' if ok else '<'} 30% at n_seq = {n}, from the {source}"
+        if ok and ratio > 0.50:
+            reason += "; beyond the stated 30-50% range"
+    return _claim(claim.name, claim.statement, claim.condition, measured,
+                  "PASS" if ok else "FAIL", reason, ratio)
+
+
+def _audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
     specs = [
         ("perplexity", "ResNet-BK (full) perplexity within 30% of the Transformer's",
          "both models causal (audited), same held-out test tokens"),
@@ -836,19 +909,29 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     """From the results files of ``results_dir`` alone, write the seed's comparisons
     (``comparison_<a>_vs_<b>.json``), the plots, report.md and report.html; return their paths.
     """
+    from .compare import SEED_PAIRS
+    from .experiments.report_sections import budget_section, scale_section, seeds_section
+    from .experiments.scale import load_scale
+    from .experiments.seeds import write_aggregates
+
     folder = Path(results_dir)
     results, problems = load_results_dir(folder)
     comparisons = seed_comparisons(results)
     write_seed_comparisons(folder, results)
-    claims = audit_claims(results)
+    seed_info = write_aggregates(folder, results, SEED_PAIRS)
+    scale = load_scale(folder)
+    claims = audit_claims(results, scale=scale)
     paths = {
         "training_curves": plot_training_curves(results, folder / "training_curves.png"),
         "flops_breakdown": plot_flops_breakdown(results, folder / "flops_breakdown.png"),
     }
     doc = _build_doc(results, comparisons, claims, problems)
+    seeds_section(doc, seed_info)
+    budget_section(doc, results)
+    scale_images = [folder / n for n in scale_section(doc, scale)]
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_bytes_atomic(md_path, doc.markdown().encode("utf-8"))
-    images = {p.name: p.read_bytes() for p in paths.values()}
+    images = {p.name: p.read_bytes() for p in [*paths.values(), *scale_images] if p.is_file()}
     write_bytes_atomic(html_path, doc.html(images, "bkbench WikiText-2 report").encode("utf-8"))
     paths["report_md"] = md_path
     paths["report_html"] = html_path
@@ -867,7 +950,8 @@ def report_main(results_dir: str) -> int:
         print(path)
     if _proxy(results):
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
-    print("\nClaims audit\n" + format_claims(audit_claims(results)))
+    from .experiments.scale import load_scale
+    print("\nClaims audit\n" + format_claims(audit_claims(results, scale=load_scale(results_dir))))
     for d in seed_comparisons(results):
         print("\n" + format_comparison(d))
     return 0

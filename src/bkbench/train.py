@@ -247,10 +247,13 @@ class Trainer:
             budgets.append(config.max_steps)
         if config.max_tokens:
             budgets.append(math.ceil(config.max_tokens / (config.batch_size * n)))
+        self.optimizer = make_optimizer(self.model, config)
+        self.budget_step_flops: int | None = None
+        if config.budget_flops is not None:
+            budgets.append(self._steps_in_flop_budget(config.budget_flops))
         self.total_steps = min(budgets)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
-        self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(self.total_steps, config.warmup_steps, config.min_lr_ratio))
         self.progress = _Progress()
@@ -258,6 +261,34 @@ class Trainer:
         self.resumed_from_step: int | None = None
         self._log_file = None
         self._tb = None
+
+    def _steps_in_flop_budget(self, budget: float) -> int:
+        """Whole steps whose counted FLOPs (one real step of this model, optimizer included)
+        fit in ``budget``; the step cost is constant (see FlopReport.varies_per_step)."""
+        from .metrics.flops import measure_step_flops
+        report = measure_step_flops(self.model, self.config.batch_size, self.config.n_seq,
+                                    self._vocab_size(), device=self.device,
+                                    optimizer=self.optimizer, seed=self.config.seed)
+        self.budget_step_flops = report.total
+        steps = int(budget // report.total)
+        if steps < 1:
+            raise ConfigError(f"{self.config.model_name}: budget_flops ({budget:.3g}) is less than "
+                              f"one training step ({report.total:.3g} counted FLOPs); raise it")
+        return steps
+
+    def _vocab_size(self) -> int:
+        return len(self.data.vocab)
+
+    def _time_budget_spent(self) -> bool:
+        """Whether budget_seconds of training time are used up (agreed across DDP ranks)."""
+        if self.config.budget_seconds is None:
+            return False
+        spent = self.progress.training_time >= self.config.budget_seconds
+        if self.distributed:
+            flag = torch.tensor([1 if spent else 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            spent = bool(flag.item())
+        return spent
 
     # --- data ----------------------------------------------------------------------------
 
@@ -469,10 +500,16 @@ class Trainer:
                        unit="step", dynamic_ncols=True, disable=None)
         try:
             while p.step < self.total_steps:
+                if self._time_budget_spent():
+                    log.info("%s: time budget of %.1f s reached at step %d", cfg.model_name,
+                             cfg.budget_seconds, p.step)
+                    break
                 order = self.epoch_order(p.epoch)
                 steps_this_epoch = min(self.steps_per_epoch,
                                        self.total_steps - p.epoch * self.steps_per_epoch)
                 while p.batch_in_epoch < steps_this_epoch:
+                    if self._time_budget_spent():
+                        break
                     if self._stop_agreed(stop):
                         self._interrupted(stop["signal"] or signal.SIGTERM)
                     inputs, targets = self.batch(order, p.batch_in_epoch)

@@ -1,0 +1,242 @@
+"""``bkbench ablate``: which of ResNet-BK's optimization flags helps, measured one at a time.
+
+Rows, all with the same training setup and seeds: the ResNet-BK baseline (no flag), each
+implemented flag alone, and every flag together. Each row is an ordinary ``bkbench run`` (its
+own child process, results file, checkpoints and ``--resume``), so a row's numbers equal a
+single run of the same config bit for bit. The table (``ablation.json``, ``ablation.md``,
+``ablation.png``) gives per row: test perplexity (mean ± 95% CI over seeds), its difference
+from the baseline with the Welch interval of that difference, FLOPs per step, training
+tokens/s, peak memory and model size.
+
+``--jobs N`` runs N rows at once: that finishes sooner but the rows then compete for the CPU,
+so their timings are not comparable with each other (the table says so); perplexities and
+FLOPs are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..atomic import write_bytes_atomic, write_json_atomic
+from ..config import BenchmarkConfig, ConfigError, IMPLEMENTED_FLAGS, OPTIMIZATION_FLAGS
+from ..results import BenchmarkResults
+from .seeds import expand_seeds
+from .stats import summarize, welch_difference_ci
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ablation_rows", "run_ablation", "build_table", "applicable_flags", "ABLATION_FILE"]
+
+ABLATION_FILE = "ablation.json"
+BASELINE_ROW = "bk-baseline"
+ALL_ROW = "bk-all"
+
+
+def applicable_flags(architecture: str = "resnet_bk") -> list[str]:
+    """The implemented optimization flags that apply to ``architecture``, in DESIGN order."""
+    return [f for f in OPTIMIZATION_FLAGS if architecture in IMPLEMENTED_FLAGS.get(f, ())]
+
+
+def _row_name(flag: str) -> str:
+    return "bk+" + flag.removeprefix("use_")
+
+
+def ablation_rows(base: BenchmarkConfig) -> dict[str, BenchmarkConfig]:
+    """Row name -> config: baseline, each applicable flag alone, all of them together."""
+    off = {f: False for f in OPTIMIZATION_FLAGS}
+    flags = applicable_flags("resnet_bk")
+    if not flags:
+        raise ConfigError("no optimization flag is implemented for resnet_bk: nothing to ablate")
+    common = dict(off, architecture="resnet_bk")
+    rows = {BASELINE_ROW: base.replace(model_name=BASELINE_ROW, **common)}
+    for flag in flags:
+        rows[_row_name(flag)] = base.replace(model_name=_row_name(flag), **dict(common, **{flag: True}))
+    if len(flags) > 1:
+        rows[ALL_ROW] = base.replace(model_name=ALL_ROW, **dict(common, **{f: True for f in flags}))
+    return {name: c.validate() for name, c in rows.items()}
+
+
+def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool) -> str:
+    return json.dumps({"config": config.to_dict(), "output_dir": str(output_dir),
+                       "resume": resume, "progress": False})
+
+
+def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: bool,
+                  jobs: int) -> None:
+    """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
+    forwarded so that every child checkpoints. A failed child fails the ablation."""
+    pending, running, failed = list(configs), [], []
+    forward = lambda signum, _frame: [p.send_signal(signum) for _, p in running]  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                c = pending.pop(0)
+                running.append((c, subprocess.Popen(
+                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume)])))
+            c, proc = running[0]
+            code = proc.wait()
+            running.pop(0)
+            if code != 0:
+                failed.append((c.model_name, code))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        from ..benchmark import RunFailedError
+        name, code = failed[0]
+        raise RunFailedError(name, code)
+
+
+def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequence[int] | None = None,
+                 jobs: int = 1, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train every row (per seed), then write the ablation table; return it."""
+    from ..benchmark import WikiText2Benchmark
+
+    output_dir = Path(output_dir)
+    table_path = output_dir / ABLATION_FILE
+    if table_path.exists() and not (overwrite or resume):
+        raise ConfigError(f"{table_path} exists; pass --resume to finish or reuse its runs, "
+                          "--overwrite to redo them, or choose another --output-dir")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    rows = ablation_rows(base)
+    configs = list(rows.values())
+    if seeds:
+        configs = expand_seeds(configs, seeds)
+    bench = WikiText2Benchmark(output_dir, progress=progress)
+    for c in configs[:1]:  # data and training size checked before any work
+        from ..train import steps_per_epoch
+        steps_per_epoch(c, bench.load_data(c).train.numel())
+    if jobs == 1:
+        bench.run_all(configs, resume=resume, isolate=True)
+    else:
+        _run_parallel(configs, output_dir, resume, jobs)
+    results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
+               for c in configs}
+    table = build_table(rows, results, seeds, parallel_jobs=jobs)
+    write_json_atomic(table_path, table)
+    write_bytes_atomic(output_dir / "ablation.md", format_table(table).encode("utf-8"))
+    plot_ablation(table, output_dir / "ablation.png")
+    return table
+
+
+def _values(results: dict[str, BenchmarkResults], row: str, seeds: Sequence[int] | None,
+            field: str) -> list[float]:
+    names = [f"{row}-seed{s}" for s in seeds] if seeds else [row]
+    out = []
+    for n in names:
+        r = results[n]
+        if field == "step_flops":
+            out.append(float(r.forward_flops + r.backward_flops + r.optimizer_flops))
+        else:
+            out.append(float(getattr(r, field)))
+    return out
+
+
+def build_table(rows: dict[str, BenchmarkConfig], results: dict[str, BenchmarkResults],
+                seeds: Sequence[int] | None, parallel_jobs: int = 1) -> dict[str, Any]:
+    """The ablation table from the rows' results files."""
+    base_ppl = _values(results, BASELINE_ROW, seeds, "test_perplexity")
+    table_rows = []
+    for name, config in rows.items():
+        ppl = _values(results, name, seeds, "test_perplexity")
+        row: dict[str, Any] = {
+            "row": name, "flags": config.enabled_flags(),
+            "runs": [f"{name}-seed{s}" for s in seeds] if seeds else [name],
+            "test_perplexity": summarize(ppl).to_dict(),
+        }
+        mean_ppl, mean_base = sum(ppl) / len(ppl), sum(base_ppl) / len(base_ppl)
+        delta: dict[str, Any] = {"delta": mean_ppl - mean_base, "ci_low": None, "ci_high": None,
+                                 "relative": (mean_ppl - mean_base) / mean_base}
+        if name != BASELINE_ROW:
+            ci = welch_difference_ci(ppl, base_ppl)
+            if ci is not None:
+                delta["ci_low"], delta["ci_high"] = ci[1], ci[2]
+            else:
+                delta["why_no_ci"] = ("one seed: rerun with --seeds 1,2,3" if len(ppl) < 2
+                                      else "no spread over the seeds")
+        row["delta_vs_baseline"] = delta
+        for field in ("step_flops", "tokens_per_second", "peak_memory_mb", "model_size_mb"):
+            row[field] = summarize(_values(results, name, seeds, field)).to_dict()
+        table_rows.append(row)
+    first = results[table_rows[0]["runs"][0]]
+    return {
+        "kind": "bkbench ablation", "seeds": list(seeds) if seeds else [first.seed],
+        "split_scheme": first.config.get("split_scheme"),
+        "setup": {k: v for k, v in first.config.items()
+                  if k not in OPTIMIZATION_FLAGS and k not in ("model_name", "seed")},
+        "parallel_jobs": parallel_jobs,
+        "timing_note": (None if parallel_jobs == 1 else
+                        f"rows ran {parallel_jobs} at a time and competed for the CPU: "
+                        "tokens/s are not comparable between rows"),
+        "rows": table_rows,
+    }
+
+
+def _mean_ci(s: dict[str, Any], spec: str) -> str:
+    if s.get("ci_high") is None:
+        return format(s["mean"], spec)
+    return f"{format(s['mean'], spec)} ± {format(s['ci_high'] - s['mean'], spec)}"
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The ablation table as Markdown."""
+    lines = ["# ResNet-BK ablation", ""]
+    if table.get("split_scheme") == "proxy":
+        lines += ["**PROXY split scheme**: not comparable to official WikiText-2 numbers.", ""]
+    lines += [f"Seeds: {', '.join(map(str, table['seeds']))}. Mean ± half-width of the 95% "
+              "interval over seeds; Δ is the difference of test perplexity from the baseline "
+              "with its Welch interval.", ""]
+    if table.get("timing_note"):
+        lines += [f"Note: {table['timing_note']}.", ""]
+    head = ["row", "flags", "test ppl", "Δ vs baseline", "FLOPs/step", "tokens/s",
+            "peak mem (MiB)", "size (MiB)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        d = r["delta_vs_baseline"]
+        delta = f"{d['delta']:+.2f} ({100 * d['relative']:+.2f}%)"
+        if d.get("ci_low") is not None:
+            delta += f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+        lines.append("| " + " | ".join([
+            r["row"], ", ".join(f.removeprefix("use_") for f in r["flags"]) or "none",
+            _mean_ci(r["test_perplexity"], ".2f"), delta,
+            f"{r['step_flops']['mean']:.3e}", _mean_ci(r["tokens_per_second"], ",.0f"),
+            _mean_ci(r["peak_memory_mb"], ",.1f"), f"{r['model_size_mb']['mean']:.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(table: dict[str, Any], path: Path) -> Path:
+    """Test perplexity difference from the baseline per row, with its interval when seeds allow."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["rows"]
+    names = [r["row"] for r in rows]
+    deltas = [r["delta_vs_baseline"]["delta"] for r in rows]
+    errs = [[d - (r["delta_vs_baseline"]["ci_low"] if r["delta_vs_baseline"]["ci_low"] is not None else d)
+             for d, r in zip(deltas, rows)],
+            [(r["delta_vs_baseline"]["ci_high"] if r["delta_vs_baseline"]["ci_high"] is not None else d) - d
+             for d, r in zip(deltas, rows)]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 3.8))
+    ax.bar(range(len(rows)), deltas, yerr=errs, capsize=4,
+           color=["#7f7f7f"] + ["#1f77b4"] * (len(rows) - 1))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test perplexity − baseline (lower is better)")
+    ax.set_title("ResNet-BK ablation" + (" (PROXY data)" if table.get("split_scheme") == "proxy" else ""))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())

@@ -1,0 +1,234 @@
+"""Statistics, seed aggregation and the scale sweep's fits (issue: experiments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from bkbench.config import ConfigError, build_run_configs
+from bkbench.experiments.scale import fit_scale, parse_int_list, scale_claims, sweep_configs
+from bkbench.experiments.seeds import (aggregate, compare_aggregates, expand_seeds, mean_results,
+                                       parse_seeds, seed_groups)
+from bkbench.experiments.stats import fit_power_law, summarize, welch_test
+from bkbench.results import BenchmarkResults
+
+
+def test_summary_matches_scipy_t_interval():
+    values = [310.2, 309.1, 312.7, 308.4]
+    s = summarize(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values),
+                                 scale=stats.sem(values))
+    assert s.n == 4 and s.mean == pytest.approx(np.mean(values))
+    assert s.std == pytest.approx(np.std(values, ddof=1))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(low), pytest.approx(high))
+    # a hand value: t_{0.975,3} = 3.182446
+    assert s.ci_high - s.mean == pytest.approx(3.182446 * s.std / 2, rel=1e-5)
+
+
+def test_summary_of_one_value_has_no_interval_and_rejects_nan():
+    s = summarize([5.0])
+    assert s.std is None and s.ci_low is None and s.mean == 5.0
+    with pytest.raises(ValueError):
+        summarize([1.0, float("nan")])
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_welch_matches_scipy_and_handles_degenerate_cases():
+    a, b = [1.0, 2.0, 3.5, 2.2], [2.9, 3.1, 4.4]
+    t = welch_test(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert t["p_value"] == pytest.approx(ref.pvalue) and t["t"] == pytest.approx(ref.statistic)
+    # by hand: Welch's t statistic
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    assert t["t"] == pytest.approx((np.mean(a) - np.mean(b)) / math.sqrt(va + vb))
+    assert welch_test([1.0], [2.0, 3.0])["p_value"] is None
+    assert welch_test([1.0, 1.0], [1.0, 1.0])["p_value"] is None
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0, -0.5])
+def test_power_law_fit_recovers_a_known_exponent(exponent):
+    rng = np.random.default_rng(0)
+    xs = np.array([128, 256, 512, 1024, 2048, 4096], dtype=float)
+    ys = 3e-6 * xs ** exponent * np.exp(rng.normal(0, 0.01, xs.size))  # 1% timing noise
+    fit = fit_power_law(xs, ys)
+    assert fit.exponent == pytest.approx(exponent, abs=0.02)
+    assert fit.coefficient == pytest.approx(3e-6, rel=0.1)
+    assert fit.r_squared > 0.99 or exponent == 0.0
+    with pytest.raises(ValueError):
+        fit_power_law([1.0], [2.0])
+    with pytest.raises(ValueError):
+        fit_power_law([1.0, 2.0], [0.0, 1.0])
+
+
+def _results(name: str, seed: int, ppl: float, tps: float, **config) -> BenchmarkResults:
+    cfg = {"model_name": name, "seed": seed, "d_model": 64, "split_scheme": "proxy", **config}
+    return BenchmarkResults(
+        model_name=name, config=cfg, final_loss=math.log(ppl), final_perplexity=ppl,
+        best_perplexity=ppl, test_loss=math.log(ppl), test_perplexity=ppl,
+        test_bits_per_token=math.log2(ppl), test_tokens=1000, valid_loss=math.log(ppl),
+        valid_perplexity=ppl, valid_bits_per_token=math.log2(ppl), valid_tokens=900,
+        best_epoch=1, training_time=10.0, total_tokens=100, steps=10, tokens_per_second=tps,
+        epoch_losses=[1.0], epoch_perplexities=[ppl], epoch_times=[10.0], eval_time=1.0,
+        num_parameters=10, parameter_breakdown={}, model_size_mb=1.0, data={},
+        forward_flops=100, backward_flops=200, optimizer_flops=10, seed=seed,
+        causality={"causal": True})
+
+
+def test_seed_expansion_names_and_seeds():
+    configs = build_run_configs("smoke", models=["transformer_baseline", "resnet_bk_full"])
+    out = expand_seeds(configs, [1, 2])
+    assert [c.model_name for c in out] == ["transformer_baseline-seed1", "transformer_baseline-seed2",
+                                           "resnet_bk_full-seed1", "resnet_bk_full-seed2"]
+    assert [c.seed for c in out] == [1, 2, 1, 2]
+    assert out[2].use_analytic_gradient and out[2].architecture == "resnet_bk"
+    assert parse_seeds("1, 2,3") == [1, 2, 3] and parse_seeds([4, 5]) == [4, 5]
+    for bad in ("", "1,1", "a", "-1", "1.5", [True]):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)
+
+
+def test_aggregate_and_comparison_over_seeds():
+    tf = [_results(f"transformer_baseline-seed{s}", s, p, t)
+          for s, p, t in ((1, 300.0, 3000.0), (2, 302.0, 3100.0), (3, 301.0, 2900.0))]
+    bk = [_results(f"resnet_bk_full-seed{s}", s, p, t)
+          for s, p, t in ((1, 310.0, 4000.0), (2, 312.5, 4100.0), (3, 309.0, 3950.0))]
+    groups = seed_groups({r.model_name: r for r in tf + bk})
+    assert set(groups) == {"transformer_baseline", "resnet_bk_full"}
+    agg_tf = aggregate("transformer_baseline", groups["transformer_baseline"])
+    agg_bk = aggregate("resnet_bk_full", groups["resnet_bk_full"])
+    ppl = agg_tf["metrics"]["test_perplexity"]["summary"]
+    assert ppl["mean"] == pytest.approx(301.0) and ppl["n"] == 3
+    assert agg_tf["metrics"]["step_flops"]["summary"]["mean"] == 310.0
+    cmp = compare_aggregates(agg_tf, agg_bk, groups["transformer_baseline"], groups["resnet_bk_full"])
+    ref = stats.ttest_ind([300, 302, 301], [310, 312.5, 309], equal_var=False)
+    assert cmp["metrics"]["test_perplexity"]["p_value"] == pytest.approx(ref.pvalue)
+    assert cmp["metrics"]["test_perplexity"]["significant"] is True
+    mean = mean_results(groups["resnet_bk_full"])
+    assert mean.model_name == "resnet_bk_full"
+    assert mean.test_perplexity == pytest.approx((310 + 312.5 + 309) / 3)
+
+
+def test_aggregate_refuses_runs_that_differ_in_more_than_the_seed():
+    a = _results("m-seed1", 1, 300.0, 1.0)
+    b = _results("m-seed2", 2, 301.0, 1.0, d_model=128)
+    with pytest.raises(ConfigError, match="d_model"):
+        aggregate("m", [a, b])
+
+
+def test_sweep_configs_keep_tokens_per_batch_and_reject_bad_sweeps():
+    base = build_run_configs("smoke", models=["transformer_baseline"])
+    out = sweep_configs(base, "n_seq", [64, 256], tokens_per_batch=1024)
+    assert [(c.n_seq, c.batch_size) for c in out] == [(64, 16), (256, 4)]
+    with pytest.raises(ConfigError):
+        sweep_configs(base, "n_seq", [64], None)
+    with pytest.raises(ConfigError):
+        sweep_configs(base, "n_seq", [64, 4096], tokens_per_batch=1024)
+    with pytest.raises(ConfigError):
+        parse_int_list("64,-1", "--n-seq")
+
+
+def _point(model, n, spt, mem):
+    return {"model_name": model, "value": n, "seconds_per_token": spt, "peak_memory_mb": mem,
+            "flops_per_token": 1.0, "mixer_flops_per_token": 1.0, "tokens_per_second": 1 / spt}
+
+
+def test_scale_fits_and_claims_from_synthetic_timings():
+    ns = [128, 512, 2048]
+    points = ([_point("transformer_baseline", n, 1e-6 * n, 10 + 0.01 * n) for n in ns]
+              + [_point("resnet_bk_full", n, 2e-5, 10.0) for n in ns])
+    fits = fit_scale(points, "n_seq")
+    assert fits["transformer_baseline"]["seconds_per_token"]["exponent"] == pytest.approx(1.0)
+    assert fits["resnet_bk_full"]["seconds_per_token"]["exponent"] == pytest.approx(0.0, abs=1e-9)
+    scale = {"axis": "n_seq", "points": points, "fits": fits, "configs": {}}
+    verdict = scale_claims(scale, "transformer_baseline", "resnet_bk_full")
+    assert verdict["n_seq"] == 2048
+    assert verdict["speedup"] == pytest.approx(2048e-6 / 2e-5)
+    assert verdict["memory_saving"] == pytest.approx(1 - 10 / (10 + 20.48))
+
+
+# --- equal-compute budgets ------------------------------------------------------------------
+
+def _tiny(**changes):
+    from bkbench.config import BenchmarkConfig
+    base = dict(model_name="transformer_t", d_model=16, n_layers=1, n_heads=2, n_seq=16,
+                batch_size=8, epochs=3, lr=3e-3, warmup_steps=0, eval_batch_size=16, seed=3)
+    return BenchmarkConfig(**{**base, **changes}).validate()
+
+
+def _train(config, corpus):
+    import torch
+
+    from bkbench.models import build_model
+    from bkbench.train import Trainer, seed_everything
+    seed_everything(config.seed)
+    model = build_model(config.architecture, len(corpus.vocab), **config.model_kwargs())
+    trainer = Trainer(config, model, corpus, torch.device("cpu"), progress=False)
+    return trainer, trainer.fit()
+
+
+def test_flop_budget_stops_within_one_step_of_the_budget(tiny_corpus):
+    from bkbench.metrics.flops import measure_step_flops
+    probe, _ = _train(_tiny(max_steps=1), tiny_corpus)
+    step = measure_step_flops(probe.model, 8, 16, 32, optimizer=probe.optimizer, seed=3).total
+    budget = 7.5 * step
+    trainer, out = _train(_tiny(budget_flops=budget), tiny_corpus)
+    assert trainer.budget_step_flops == step
+    assert out.steps == 7                      # the 8th step would exceed the budget
+    assert out.steps * step <= budget < (out.steps + 1) * step
+    assert len(out.epoch_perplexities) == 1    # 7 steps < one 31-step epoch: validated once
+
+
+def test_flop_budget_below_one_step_is_refused(tiny_corpus):
+    with pytest.raises(ConfigError, match="less than one training step"):
+        _train(_tiny(budget_flops=10.0), tiny_corpus)
+    with pytest.raises(ConfigError, match="budget_seconds"):
+        _tiny(budget_seconds=-1.0)
+    with pytest.raises(ConfigError, match="budget_flops"):
+        _tiny(budget_flops=float("inf"))
+
+
+def test_time_budget_stops_training_early(tiny_corpus):
+    _, full = _train(_tiny(), tiny_corpus)
+    trainer, out = _train(_tiny(budget_seconds=1e-9), tiny_corpus)
+    # the budget is spent after the first step; the run then validates, tests and ends
+    assert out.steps == 1 < full.steps
+    assert len(out.epoch_perplexities) == 1 and out.test.num_tokens == full.test.num_tokens
+
+
+# --- ablation -------------------------------------------------------------------------------
+
+def test_ablation_rows_are_baseline_each_flag_and_all():
+    from bkbench.experiments.ablate import ablation_rows, applicable_flags
+    base = build_run_configs("smoke", models=["resnet_bk_full"])[0]   # a flag on: rows reset it
+    rows = ablation_rows(base)
+    flags = applicable_flags("resnet_bk")
+    assert list(rows)[0] == "bk-baseline" and rows["bk-baseline"].enabled_flags() == []
+    for flag in flags:
+        assert rows["bk+" + flag.removeprefix("use_")].enabled_flags() == [flag]
+    if len(flags) > 1:
+        assert rows["bk-all"].enabled_flags() == flags
+    assert len(rows) == 1 + len(flags) + (len(flags) > 1)
+    shared = {k for k in base.to_dict() if not k.startswith("use_") and k != "model_name"}
+    for c in rows.values():   # nothing but the flags differs between rows
+        assert {k: getattr(c, k) for k in shared} == {k: getattr(base, k) for k in shared}
+
+
+@pytest.mark.slow
+def test_ablation_row_equals_a_single_run_of_its_config(shared_data_dir, tmp_path):
+    from bkbench.benchmark import WikiText2Benchmark
+    from bkbench.experiments.ablate import run_ablation
+    base = build_run_configs("smoke", overrides={"max_steps": 2, "data_dir": str(shared_data_dir),
+                                                 "split_scheme": "proxy"},
+                             models=["resnet_bk_baseline"])[0]
+    table = run_ablation(base, tmp_path / "ablation", progress=False)
+    single = WikiText2Benchmark(tmp_path / "single", progress=False).run_benchmark(
+        base.replace(model_name="resnet_bk_full", use_analytic_gradient=True))
+    row = next(r for r in table["rows"] if r["row"] == "bk+analytic_gradient")
+    assert row["test_perplexity"]["mean"] == single.test_perplexity     # bit for bit
+    assert (tmp_path / "ablation" / "ablation.md").read_text().count("| bk") == len(table["rows"])
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_ablation(base, tmp_path / "ablation", progress=False)
