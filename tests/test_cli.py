@@ -25,7 +25,7 @@ def run_cli(*args, cwd=None):
 @pytest.mark.parametrize("args,message", [
     (["--d-model", "-4"], "d_model must be a positive integer"),
     (["--n-layers", "0"], "n_layers must be a positive integer"),
-    (["--models", "lstm_baseline"], "unknown model"),
+    (["--models", "mamba_baseline"], "unknown model"),
     (["--lr", "0"], "lr must be > 0"),
     (["--top-k", "9", "--num-experts", "2"], "top_k (9) cannot exceed"),
     (["--use-koopman"], "use_koopman is not implemented"),

@@ -250,3 +250,36 @@ def test_report_recomputes_comparisons_from_the_results_files(results_dir):
     fresh = json.loads(stale.read_text())
     assert fresh["metrics"]["test_perplexity"]["ratio"] is not None
     assert len(list(results_dir.glob("comparison_*.json"))) == 3
+
+
+def test_peers_table_and_comparisons_appear_only_with_peer_results(tmp_path):
+    results = passing_set()
+    build_report_dir = tmp_path / "seed"
+    build_report_dir.mkdir()
+    for r in results.values():
+        r.save(build_report_dir / f"{r.model_name}_results.json")
+    build_report(build_report_dir)
+    assert "Among the peer baselines" not in (build_report_dir / "report.md").read_text()
+
+    for name, arch, ppl in (("gla_baseline", "gla", 110.0), ("lstm_baseline", "lstm", 150.0)):
+        peer = make_result(name, ppl=ppl, fwd=8e11, bwd=1.6e12, tps=2000, mem=800)
+        peer.config["architecture"] = arch
+        peer.num_parameters = 4_100_000
+        results[name] = peer
+        peer.save(tmp_path / f"{name}_results.json")
+    for r in passing_set().values():
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("Among the peer baselines"):md.index("Claims audit")]
+    # every run, ordered by test perplexity, parameters relative to the Transformer
+    order = [section.index(f"| {n} ") for n in ("transformer_baseline", "gla_baseline",
+                                                 "resnet_bk_full", "resnet_bk_baseline",
+                                                 "lstm_baseline")]
+    assert order == sorted(order)
+    assert "4,100,000 (+2.5%)" in section
+    for peer in ("gla_baseline", "lstm_baseline"):
+        assert f"resnet_bk_full vs {peer}" in section
+        d = json.loads((tmp_path / f"comparison_resnet_bk_full_vs_{peer}.json").read_text())
+        assert d["metrics"]["test_perplexity"]["ratio"] == pytest.approx(
+            120.0 / results[peer].test_perplexity)

@@ -58,7 +58,7 @@ def test_input_errors():
 
 def test_build_model_rejects_unknown_names_and_fields():
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("lstm", 10)
+        build_model("mamba", 10)
     with pytest.raises(ValueError, match="n_head"):
         build_model("transformer", 10, n_head=2)
     with pytest.raises(ValueError, match="divisible"):

@@ -42,6 +42,8 @@ _FIELD_HELP = {
     "v_max": "bound of the BK potential", "bk_h0": "free diagonal h0", "bk_t": "initial coupling t",
     "bk_energy": "initial energy E of z = E + i*eps", "bk_eps": "initial eps > 0 of z",
     "moe_balance_weight": "weight of the MoE load-balancing loss",
+    "gla_chunk_size": "chunk length of GLA's chunkwise torch form (gla_baseline)",
+    "gla_backend": "GLA kernels: auto (fla on CUDA if installed, else torch), torch, fla, naive",
     "batch_size": "training windows per step", "epochs": "training epochs",
     "max_steps": "stop after this many steps", "max_tokens": "stop after this many training tokens",
     "budget_flops": "equal compute: stop before the counted training FLOPs exceed this",
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, metavar="FILE.yaml",
                      help="YAML file of config fields, optionally with a 'runs' mapping")
     run.add_argument("--models", metavar="A,B",
-                     help="comma-separated subset of the runs to train (default: all)")
+                     help="comma-separated runs to train (default: the three seed runs; "
+                          "also gla_baseline, lstm_baseline; 'all' for all five)")
     run.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                      help="folder with wiki.{train,valid,test}.{tokens,raw} "
                           "(default: $BKBENCH_DATA_DIR, then the cache, then a download)")
@@ -140,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="starting values (default: %(default)s)")
     audit.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML config file")
-    audit.add_argument("--models", metavar="A,B", help="comma-separated subset of the runs")
+    audit.add_argument("--models", metavar="A,B",
+                       help="comma-separated runs (as for run; 'all' for all five)")
     audit.add_argument("--vocab-size", type=int, default=33278,
                        help="vocabulary of the audited models (default: %(default)s, WikiText-2)")
     audit.add_argument("--sequences", type=int, default=2,

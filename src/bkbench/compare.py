@@ -16,12 +16,15 @@ from .atomic import write_json_atomic
 from .results import BenchmarkResults
 
 __all__ = ["compare_results", "format_comparison", "write_comparison", "write_seed_comparisons",
-           "comparison_path", "seed_comparisons", "SEED_PAIRS", "COMPARED_METRICS", "as_finite", "causal_verdict"]
+           "comparison_path", "seed_comparisons", "SEED_PAIRS", "PEER_PAIRS", "COMPARED_METRICS", "as_finite", "causal_verdict"]
 
 # the three comparisons of the seed benchmark
 SEED_PAIRS = (("transformer_baseline", "resnet_bk_baseline"),
               ("transformer_baseline", "resnet_bk_full"),
               ("resnet_bk_baseline", "resnet_bk_full"))
+
+# ResNet-BK (all flags) against each peer baseline, when the peers were run
+PEER_PAIRS = (("resnet_bk_full", "gla_baseline"), ("resnet_bk_full", "lstm_baseline"))
 
 # metric -> (label, unit, lower is better?)
 COMPARED_METRICS: dict[str, tuple[str, str, bool]] = {

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-ARCHITECTURES = ("transformer", "resnet_bk")
+ARCHITECTURES = ("transformer", "resnet_bk", "gla", "lstm")
 
 # The twelve optimisation flags of DESIGN.md section 4, in the seed's order. A flag is accepted
 # only once it is implemented; the rest are rejected so that no flag can be on and do nothing.
@@ -76,6 +76,10 @@ class BenchmarkConfig:
     bk_energy: float = 0.0
     bk_eps: float = 1.0
     moe_balance_weight: float = 0.01
+
+    # GLA peer (models/gla.py; ignored by the others)
+    gla_chunk_size: int = 16
+    gla_backend: str = "auto"
 
     # training
     batch_size: int = 32
@@ -142,6 +146,11 @@ class BenchmarkConfig:
                       dropout=self.dropout, tie_weights=self.tie_weights)
         if self.architecture == "transformer":
             return dict(common, n_heads=self.n_heads)
+        if self.architecture == "gla":
+            return dict(common, n_heads=self.n_heads, chunk_size=self.gla_chunk_size,
+                        backend=self.gla_backend)
+        if self.architecture == "lstm":
+            return common
         return dict(common, num_experts=self.num_experts, top_k=self.top_k,
                     bk_heads=self.bk_heads, bk_mode=self.bk_mode, v_max=self.v_max,
                     bk_h0=self.bk_h0, bk_t=self.bk_t, bk_energy=self.bk_energy,
@@ -200,6 +209,8 @@ class BenchmarkConfig:
             raise ConfigError(f"eval_stride ({self.eval_stride}) cannot exceed n_seq ({self.n_seq})")
         if self.architecture == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.architecture == "gla":
+            _validate_gla(self)
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.bk_mode not in ("causal", "bidirectional"):
@@ -237,6 +248,28 @@ class BenchmarkConfig:
                 raise ConfigError(f"{flag} applies to {', '.join(archs)} models only, not to "
                                   f"{self.architecture} (run {self.model_name!r})")
         return self
+
+
+def _validate_gla(config: "BenchmarkConfig") -> None:
+    from .models.gla import GLAConfig
+    from .ops.gla import BACKENDS, fla_available
+    if config.gla_backend not in BACKENDS:
+        raise ConfigError(f"gla_backend must be one of {', '.join(BACKENDS)}, "
+                          f"got {config.gla_backend!r}")
+    if not isinstance(config.gla_chunk_size, int) or config.gla_chunk_size < 1:
+        raise ConfigError(f"gla_chunk_size must be a positive integer, got {config.gla_chunk_size!r}")
+    if config.gla_backend == "fla":
+        import torch
+        if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+            raise ConfigError("gla_backend 'fla' runs on CUDA only; use --gla-backend torch "
+                              "(or auto) on this device")
+        if not fla_available():
+            raise ConfigError("gla_backend 'fla' needs flash-linear-attention: "
+                              "pip install 'bkbench[fla]', or use --gla-backend torch")
+    key_dim = int(config.d_model * GLAConfig.expand_k)
+    if config.d_model % config.n_heads or key_dim % config.n_heads or key_dim < config.n_heads:
+        raise ConfigError(f"GLA needs d_model ({config.d_model}) and its key width "
+                          f"{key_dim} (d_model/2) divisible by n_heads ({config.n_heads})")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -288,6 +321,13 @@ DEFAULT_RUNS: dict[str, dict[str, Any]] = {
     "resnet_bk_full": {"architecture": "resnet_bk", "use_analytic_gradient": True},
 }
 
+# Peer baselines, run with --models gla_baseline,lstm_baseline or --models all.
+PEER_RUNS: dict[str, dict[str, Any]] = {
+    "gla_baseline": {"architecture": "gla"},
+    "lstm_baseline": {"architecture": "lstm"},
+}
+ALL_RUNS: dict[str, dict[str, Any]] = {**DEFAULT_RUNS, **PEER_RUNS}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the seed's sizes and budget
     "default": dict(d_model=64, n_layers=4, n_seq=128, n_heads=4, batch_size=32, epochs=5,
@@ -329,10 +369,16 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     file_values = dict(file_values or {})
-    runs = file_values.pop("runs", None) or DEFAULT_RUNS
+    file_runs = file_values.pop("runs", None)
+    runs = file_runs or DEFAULT_RUNS
     if not isinstance(runs, dict) or not runs:
         raise ConfigError("'runs' in the config file must map run names to settings")
     shared = {**PRESETS[preset], **file_values}
+    if not file_runs and models:
+        # without a file's runs, --models may also name the peers; "all" is all five runs
+        runs = ALL_RUNS
+        if models == ["all"]:
+            models = list(ALL_RUNS)
     if models:
         missing = [m for m in models if m not in runs]
         if missing:
@@ -347,4 +393,5 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
 
 
 __all__ = ["BenchmarkConfig", "ConfigError", "OPTIMIZATION_FLAGS", "PRESETS", "DEFAULT_RUNS",
+           "PEER_RUNS", "ALL_RUNS",
            "ARCHITECTURES", "build_run_configs", "load_yaml"]

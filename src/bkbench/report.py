@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic
+from .compare import (PEER_PAIRS, as_finite, causal_verdict, format_comparison,
+                      seed_comparisons, write_seed_comparisons)
 from .config import ARCHITECTURES, OPTIMIZATION_FLAGS, BenchmarkConfig
-from .compare import (as_finite, causal_verdict, format_comparison, seed_comparisons,
-                      write_seed_comparisons)
 from .results import BenchmarkResults
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
@@ -127,8 +127,10 @@ def _architecture_fields() -> set[str]:
     """Config fields that configure one architecture's model only (in the model kwargs of
     one architecture and not of another); the optimisation flags are left to the caller."""
     kwargs = [set(BenchmarkConfig(architecture=a).model_kwargs()) for a in ARCHITECTURES]
-    shared = set.intersection(*kwargs)
     names = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    # the model's size and regularisation are part of every recipe, whichever models take them
+    shared = set.intersection(*kwargs) | {"d_model", "n_layers", "n_seq", "dropout",
+                                          "tie_weights"}
     return {k for k in set.union(*kwargs) - shared if k in names}
 
 
@@ -777,6 +779,7 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                      _f(r.training_time, ".1f"), _f(r.tokens_per_second, ",.0f"),
                      _f(r.peak_memory_mb, ",.1f"), _f(r.model_size_mb, ".2f")])
     doc.table(head, rows)
+    _peers_section(doc, results)
 
     # --- claims
     doc.h(2, "Claims audit")
@@ -885,17 +888,51 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     if not comps:
         doc.p("No pairs of the seed's comparisons are present in these results.")
     for d in comps:
-        doc.h(3, f"{d.get('a')} vs {d.get('b')}")
-        doc.p("Ratios are a / b.")
-        rows = []
-        for key, m in (d.get("metrics") or {}).items():
-            unit = m.get("unit", "")
-            fmt = _e if unit == "FLOP" else (lambda v: _f(v, ",.2f"))
-            rows.append([m.get("label", key), fmt(m.get("a")), fmt(m.get("b")),
-                         _f(m.get("ratio"), ".3f")])
-        doc.table(["metric", str(d.get("a")), str(d.get("b")), "a / b"], rows)
-        doc.bullets([f"Note: {note}" for note in d.get("notes") or []])
+        _comparison_table(doc, d)
     return doc
+
+
+def _comparison_table(doc: _Doc, d: dict) -> None:
+    doc.h(3, f"{d.get('a')} vs {d.get('b')}")
+    doc.p("Ratios are a / b.")
+    rows = []
+    for key, m in (d.get("metrics") or {}).items():
+        unit = m.get("unit", "")
+        fmt = _e if unit == "FLOP" else (lambda v: _f(v, ",.2f"))
+        rows.append([m.get("label", key), fmt(m.get("a")), fmt(m.get("b")),
+                     _f(m.get("ratio"), ".3f")])
+    doc.table(["metric", str(d.get("a")), str(d.get("b")), "a / b"], rows)
+    doc.bullets([f"Note: {note}" for note in d.get("notes") or []])
+
+
+PEER_ARCHITECTURES = ("gla", "lstm")
+
+
+def _peers_section(doc: _Doc, results: dict[str, BenchmarkResults]) -> None:
+    """Every run beside the peer baselines (GLA, LSTM), and resnet_bk_full against each peer;
+    nothing when no peer was run."""
+    if not any(r.config.get("architecture") in PEER_ARCHITECTURES for r in results.values()):
+        return
+    doc.h(3, "Among the peer baselines")
+    reference = results.get("transformer_baseline")
+    ref_params = reference.num_parameters if reference else None
+    doc.p("Every run of this folder with the O(N) peers: gated linear attention (`gla`, "
+          "Yang et al. 2023) and an LSTM, trained and measured like the others. Parameters "
+          "relative to `transformer_baseline`" + ("" if ref_params else " (not in this folder)")
+          + "; FLOPs counted per training step and over the whole training.")
+    rows = []
+    for n, r in sorted(results.items(), key=lambda kv: as_finite(kv[1].test_perplexity) or 1e300):
+        rel = (f" ({100 * (r.num_parameters - ref_params) / ref_params:+.1f}%)"
+               if ref_params else "")
+        step = [as_finite(x) for x in (r.forward_flops, r.backward_flops, r.optimizer_flops)]
+        rows.append([n, r.config.get("architecture", ""), _f(r.test_perplexity),
+                     _e(sum(step)) if None not in step else "n/a", _e(r.total_flops),
+                     _f(r.tokens_per_second, ",.0f"), _f(r.peak_memory_mb, ",.1f"),
+                     f"{r.num_parameters:,}{rel}", _causal_text(r)])
+    doc.table(["run (by test ppl)", "architecture", "test ppl", "FLOPs/step", "training FLOPs",
+               "tokens/s", "peak mem (MiB)", "params", "causality"], rows)
+    for d in seed_comparisons(results, PEER_PAIRS):
+        _comparison_table(doc, d)
 
 
 def _pct(x: Any, signed: bool = True) -> str:
@@ -918,6 +955,7 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     results, problems = load_results_dir(folder)
     comparisons = seed_comparisons(results)
     write_seed_comparisons(folder, results)
+    write_seed_comparisons(folder, results, PEER_PAIRS)
     seed_info = write_aggregates(folder, results, SEED_PAIRS)
     scale = load_scale(folder)
     claims = audit_claims(results, scale=scale)
@@ -952,6 +990,6 @@ def report_main(results_dir: str) -> int:
         print("\nPROXY split scheme: numbers are not comparable to official WikiText-2 results.")
     from .experiments.scale import load_scale
     print("\nClaims audit\n" + format_claims(audit_claims(results, scale=load_scale(results_dir))))
-    for d in seed_comparisons(results):
+    for d in seed_comparisons(results) + seed_comparisons(results, PEER_PAIRS):
         print("\n" + format_comparison(d))
     return 0

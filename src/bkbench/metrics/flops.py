@@ -11,7 +11,9 @@ train mode, dropout on, the model's auxiliary loss included) and counts
   ``register_flop_formula`` -- the BK-Core registers its own per-position formula. This module
   adds a formula for ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward),
   the kernel PyTorch picks on the CPU when attention dropout is off (evaluation, dropout=0),
-  which torch's table does not cover; without it attention would be invisible there. Like
+  which torch's table does not cover; without it attention would be invisible there; and
+  for torch's fused LSTM kernels (``aten.mkldnn_rnn_layer`` on the CPU, ``aten._cudnn_rnn``
+  on CUDA, and their backwards: 2 x the gate matmuls). Like
   torch's own attention formulas it charges the full T x T score matrix even for causal
   attention (the math kernel really computes it; a causal flash kernel skips about half).
 * the **optimizer** by formula, per parameter per step (:data:`OPTIMIZER_FLOPS_PER_PARAM`,
@@ -68,6 +70,8 @@ __all__ = [
     "optimizer_flops",
     "analytic_transformer_flops",
     "analytic_resnet_bk_flops",
+    "analytic_gla_flops",
+    "analytic_lstm_flops",
     "analytic_flops_for",
     "flops_result_fields",
     "OPTIMIZER_FLOPS_PER_PARAM",
@@ -175,9 +179,43 @@ def _cpu_flash_bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs)
     return 2 * _attention_fwd_flops(query, key, value)
 
 
+def _rnn_fwd_flops(rows: int, weight_shapes) -> int:
+    # every step multiplies the layer input and the hidden state by the gates' weights
+    return 2 * rows * sum(math.prod(s) for s in weight_shapes)
+
+
+def _mkldnn_rnn_fwd(input, weight0, weight1, *args, out_shape=None, **kwargs) -> int:
+    # the CPU LSTM kernel (one layer per call); weight0: (4h, in), weight1: (4h, h)
+    return _rnn_fwd_flops(input[0] * input[1], (weight0, weight1))
+
+
+def _mkldnn_rnn_bwd(input, weight1, weight2, *args, out_shape=None, **kwargs) -> int:
+    # gradients for the inputs/hidden states and for the weights: 2 x the forward
+    return 2 * _rnn_fwd_flops(input[0] * input[1], (weight1, weight2))
+
+
+def _cudnn_weights(weight, stride) -> list:
+    # per layer [w_ih, w_hh, (b_ih, b_hh)]: the two matrices of each group of ``stride``
+    return [s for i in range(0, len(weight), stride) for s in weight[i:i + 2]]
+
+
+def _cudnn_rnn_fwd(input, weight, weight_stride0, *args, out_shape=None, **kwargs) -> int:
+    return _rnn_fwd_flops(input[0] * input[1], _cudnn_weights(weight, weight_stride0))
+
+
+def _cudnn_rnn_bwd(input, weight, weight_stride0, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _rnn_fwd_flops(input[0] * input[1], _cudnn_weights(weight, weight_stride0))
+
+
 def _extra_formulas() -> dict:
     extra = {}
     aten = torch.ops.aten
+    # torch's LSTM kernels (CPU oneDNN, cuDNN) are single ops the counter has no formula for
+    for name, formula in (("mkldnn_rnn_layer", _mkldnn_rnn_fwd),
+                          ("mkldnn_rnn_layer_backward", _mkldnn_rnn_bwd),
+                          ("_cudnn_rnn", _cudnn_rnn_fwd), ("_cudnn_rnn_backward", _cudnn_rnn_bwd)):
+        if hasattr(aten, name):
+            extra[getattr(aten, name)] = formula
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
@@ -555,6 +593,54 @@ def analytic_resnet_bk_flops(batch_size: int, seq_len: int, d_model: int, n_laye
                       f"{int(expert_rows)} expert rows in all (padding included)")}
 
 
+def analytic_gla_flops(batch_size: int, seq_len: int, d_model: int, n_layers: int,
+                       vocab_size: int, *, n_heads: int, chunk_size: int, expand_k: float = 0.5,
+                       gate_rank: int = 16, mlp_ratio: int = 4) -> dict[str, Any]:
+    """FLOPs of one training step of :class:`~bkbench.models.gla.GLALM`, by formula.
+
+    Per token and layer (forward): q, k projections 2·2·d·dk (dk = expand_k·d), v, output gate
+    and output projections 3·2·d², low-rank decay gate 2·d·r + 2·r·dk; the GLA op itself
+    ``gla_flops`` (its chunkwise matmuls, bkbench.ops.gla.flops); the Transformer's MLP
+    2·2·(ratio·d)·d; LM head 2·d·V. Backward = 2 x forward for every product.
+    """
+    from ..ops.gla import gla_flops
+
+    tokens = batch_size * seq_len
+    d, dk = d_model, int(d_model * expand_k)
+    projections = n_layers * tokens * (2 * 2 * d * dk + 3 * 2 * d * d + 2 * d * gate_rank
+                                       + 2 * gate_rank * dk)
+    core = n_layers * gla_flops(batch_size, seq_len, n_heads, dk // n_heads, d // n_heads,
+                                chunk_size)
+    ffn = n_layers * tokens * (2 * 2 * mlp_ratio * d * d)
+    head = tokens * 2 * d * vocab_size
+    forward = {"embedding": 0, "mixer": projections + core, "feed_forward": ffn,
+               "lm_head": head, "loss": 0}
+    backward = {k: 2 * v for k, v in forward.items()}
+    return {"architecture": "gla", "forward": sum(forward.values()),
+            "backward": sum(backward.values()), "forward_by_component": forward,
+            "backward_by_component": backward, "gla_core_forward": core,
+            "notes": f"matrix products + the chunkwise GLA formula (chunk {chunk_size})"}
+
+
+def analytic_lstm_flops(batch_size: int, seq_len: int, d_model: int, n_layers: int,
+                        vocab_size: int) -> dict[str, Any]:
+    """FLOPs of one training step of :class:`~bkbench.models.lstm.LSTMLM`, by formula.
+
+    Per token and layer (forward): the four gates from the layer input and the hidden state,
+    2·4d·(d + d); LM head 2·d·V. Backward = 2 x forward (the kernels' gradients for inputs,
+    hidden states and weights).
+    """
+    tokens = batch_size * seq_len
+    d = d_model
+    mixer = n_layers * tokens * 2 * 4 * d * (d + d)
+    head = tokens * 2 * d * vocab_size
+    forward = {"embedding": 0, "mixer": mixer, "lm_head": head, "loss": 0}
+    backward = {k: 2 * v for k, v in forward.items()}
+    return {"architecture": "lstm", "forward": sum(forward.values()),
+            "backward": sum(backward.values()), "forward_by_component": forward,
+            "backward_by_component": backward, "notes": "gate matrix products + LM head"}
+
+
 def analytic_flops_for(model: nn.Module, batch_size: int, seq_len: int,
                        vocab_size: int) -> dict[str, Any] | None:
     """The analytic formula matching ``model``'s architecture, or None if there is none."""
@@ -571,6 +657,16 @@ def analytic_flops_for(model: nn.Module, batch_size: int, seq_len: int,
             num_experts=cfg.num_experts, top_k=cfg.top_k, bk_heads=getattr(cfg, "bk_heads", 1),
             causal=getattr(cfg, "bk_mode", "causal") == "causal",
             expert_rows=_padded_expert_rows(model))
+    if name == "GLALM":
+        from ..ops.gla import FLA_CHUNK_SIZE, resolve_backend
+        device = next(model.parameters()).device
+        fla = resolve_backend(cfg.backend, device) == "fla"
+        return analytic_gla_flops(batch_size, seq_len, cfg.d_model, cfg.n_layers, vocab_size,
+                                  n_heads=cfg.n_heads,
+                                  chunk_size=FLA_CHUNK_SIZE if fla else cfg.chunk_size,
+                                  expand_k=cfg.expand_k, gate_rank=cfg.gate_rank)
+    if name == "LSTMLM":
+        return analytic_lstm_flops(batch_size, seq_len, cfg.d_model, cfg.n_layers, vocab_size)
     return None
 
 

@@ -6,12 +6,17 @@ import dataclasses
 from typing import Any, Callable
 
 from .common import LanguageModel
+from .gla import GLAConfig, GLALM
+from .lstm import LSTMConfig, LSTMLM
 from .resnet_bk import ResNetBKConfig, ResNetBKLM
 from .transformer import TransformerConfig, TransformerLM
 
 MODELS: dict[str, tuple[type, Callable[[Any], LanguageModel]]] = {
     "transformer": (TransformerConfig, TransformerLM),
     "resnet_bk": (ResNetBKConfig, ResNetBKLM),
+    # peer baselines (not in the default three-run benchmark)
+    "gla": (GLAConfig, GLALM),
+    "lstm": (LSTMConfig, LSTMLM),
 }
 
 
@@ -20,7 +25,7 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
-    """Build model ``name`` ("transformer", "resnet_bk") for a vocabulary of ``vocab_size``.
+    """Build model ``name`` (a key of MODELS) for a vocabulary of ``vocab_size``.
 
     Unknown config keys are an error rather than silently ignored.
     """
@@ -37,4 +42,4 @@ def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
 
 
 __all__ = ["build_model", "available_models", "LanguageModel", "TransformerConfig", "TransformerLM",
-           "ResNetBKConfig", "ResNetBKLM"]
+           "ResNetBKConfig", "ResNetBKLM", "GLAConfig", "GLALM", "LSTMConfig", "LSTMLM"]
