@@ -42,7 +42,8 @@ def main() -> int:
     corpus = make_corpus(n_train=6000)
     config = BenchmarkConfig(
         model_name=f"{args.model}_driver", d_model=args.d_model, n_layers=1, n_heads=2, n_seq=16,
-        batch_size=args.batch_size, num_experts=args.num_experts, epochs=0, max_steps=args.steps, lr=3e-3, warmup_steps=2,
+        batch_size=args.batch_size, num_experts=args.num_experts, epochs=0,
+        max_steps=args.steps, lr=3e-3, warmup_steps=2,
         eval_batch_size=16, seed=args.seed, dropout=args.dropout,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=2).validate()
     seed_everything(config.seed)
@@ -72,7 +73,8 @@ def main() -> int:
         idle_by_rank = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(idle_by_rank, idle_steps)
     if not distributed or torch.distributed.get_rank() == 0:
-        print(json.dumps({"idle_expert_steps": idle_by_rank, "step_losses": out.step_losses, "valid_loss": out.valid.loss,
+        print(json.dumps({"idle_expert_steps": idle_by_rank,
+                          "step_losses": out.step_losses, "valid_loss": out.valid.loss,
                           "test_loss": out.test.loss, "test_tokens": out.test.num_tokens,
                           "valid_tokens": out.valid.num_tokens, "epoch_losses": out.epoch_losses,
                           "steps": out.steps, "resumed_from_step": out.resumed_from_step}))

@@ -23,8 +23,8 @@ train mode, dropout on, the model's auxiliary loss included) and counts
 Every figure says where it comes from (``FlopReport.sources``, ``flops["sources"]`` in the
 results): ``counted`` is what the counter derived from the ops that ran (matrix products from
 their shapes); ``formula`` is a hand-derived count charged per element or per position --
-the BK-Core's registered per-position count (on both gradient paths), the optimizer and the
-estimate of what the counter does not see.
+bkbench's own registered ops (the BK-Core's per-position count on both gradient paths, the
+GLA score markers), the optimizer and the estimate of what the counter does not see.
 
 FLOPs are attributed to the model's components (``LanguageModel.COMPONENTS``: embedding,
 mixer, feed_forward, lm_head) with the counter's own formulas, op by op: in the forward by the
@@ -292,8 +292,9 @@ _NO_ARITHMETIC = {
 
 SOURCES_EXPLANATION = (
     "counted: derived by torch's FlopCounterMode from the ops that ran (matrix products, from "
-    "their shapes); formula: a hand-derived count -- the BK-Core's registered per-position "
-    "count (the same on both gradient paths), the optimizer's per-parameter count (weight decay "
+    "their shapes); formula: a hand-derived count -- bkbench's own registered ops (the "
+    "BK-Core's per-position count, the same on both gradient paths; GLA's score markers), "
+    "the optimizer's per-parameter count (weight decay "
     "charged only to the param groups that have it), and the estimate of the uncounted ops")
 
 _CATEGORY_OF = {name: cat for cat, table in UNCOUNTED_COST.items() for name in table}
