@@ -173,3 +173,82 @@ def test_argument_errors():
         audit_causality(model, 1)
     with pytest.raises(ValueError, match="seq_len"):
         audit_causality(nn.Linear(2, 2), V)
+
+
+def reference_leaks(model, seqs, perturbed, mode, forward_seed):
+    """The plain audit: one forward per changed sequence, the base in the same (1, T) shape."""
+    model.train(mode == "train")
+    leaks = {}
+    with torch.no_grad():
+        for k, changed in perturbed.items():
+            worst = 0.0
+            for i in range(seqs.shape[0]):
+                torch.manual_seed(forward_seed)
+                base = model(seqs[i:i + 1])
+                torch.manual_seed(forward_seed)
+                out = model(changed[i:i + 1])
+                worst = max(worst, float((out[:, :k].double() - base[:, :k].double()).abs().max()))
+            leaks[k] = worst
+    return leaks
+
+
+def audit_inputs(seq_len, num_sequences, positions, seed):
+    # the same draws as audit_causality makes
+    gen = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(0, V, (num_sequences, seq_len), generator=gen)
+    perturbed = {}
+    for k in positions:
+        changed = seqs.clone()
+        changed[:, k] = (changed[:, k] + torch.randint(1, V, (num_sequences,), generator=gen)) % V
+        perturbed[k] = changed
+    return seqs, perturbed
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_batched_audit_matches_the_plain_one(leaky):
+    # transformer with or without a non-causal attention (features path), and the future-embedding
+    # model (plain logits path): batched leaks agree with one-sequence-at-a-time forwards
+    model = tiny_transformer(dropout=0.2)
+    if leaky:
+        for block in model.blocks:
+            bad = NonCausalAttention(model.config)
+            bad.load_state_dict(block.attn.state_dict())
+            block.attn = bad
+    for m in (model, FutureEmbeddingLM(1e-3 if leaky else 0.0)):
+        audit = audit_causality(m, V, num_sequences=3, seed=5)
+        seqs, perturbed = audit_inputs(24, 3, audit.positions, 5)
+        for mode in ("eval", "train"):
+            ref = reference_leaks(m, seqs, perturbed, mode, forward_seed=6)
+            got = audit.modes[mode].leak_by_position
+            assert set(got) == set(ref)
+            for k in ref:
+                if not leaky:
+                    assert got[k] == ref[k] == 0.0
+                elif mode == "eval":  # in train mode the masks depend on the batch shape
+                    assert got[k] == pytest.approx(ref[k], rel=1e-3), (type(m).__name__, k)
+                else:
+                    assert (got[k] > 0) == (ref[k] > 0), (type(m).__name__, k)
+        assert audit.causal is not leaky
+
+
+def test_features_shortcut_reports_logit_leaks_like_the_full_forward(monkeypatch):
+    import bkbench.audit as audit_module
+
+    model = tiny_transformer(dropout=0.0)
+    for block in model.blocks:
+        bad = NonCausalAttention(model.config)
+        bad.load_state_dict(block.attn.state_dict())
+        block.attn = bad
+    short = audit_causality(model, V)
+    monkeypatch.setattr(audit_module, "_head_split", lambda m: None)
+    full = audit_causality(model, V)
+    for mode in ("eval", "train"):
+        a, b = short.modes[mode].leak_by_position, full.modes[mode].leak_by_position
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7)
+    # a non-finite head cannot hide behind finite features
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    assert "non-finite" in format_audit(audit_causality(model, V))

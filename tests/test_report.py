@@ -283,3 +283,35 @@ def test_peers_table_and_comparisons_appear_only_with_peer_results(tmp_path):
         d = json.loads((tmp_path / f"comparison_resnet_bk_full_vs_{peer}.json").read_text())
         assert d["metrics"]["test_perplexity"]["ratio"] == pytest.approx(
             120.0 / results[peer].test_perplexity)
+
+
+def test_summary_opens_the_report_with_the_numbers_and_seed_intervals(tmp_path):
+    results = passing_set()
+    for r in results.values():
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    md = build_report(tmp_path)["report_md"].read_text()
+    summary = md[md.index("## Summary"):md.index("## Setup")]
+    assert md.index("## Summary") < md.index("## Setup") < md.index("| field | value |")
+    assert "`resnet_bk_full` 120.00 (1.20x the Transformer's)" in summary
+    assert "forward FLOPs/step 20.00x fewer, backward 80.00x fewer" in summary
+    assert "measured speed 6.00x the Transformer's training tokens/s" in summary
+    assert "peak memory 600.0 vs 1,000.0 MiB (0.60x the Transformer's)" in summary
+    assert summary.count("- **PASS** ") == 5 and "over repeated seeds" not in summary.lower()
+
+    # repeated seeds: means with their 95% intervals, ratios of the means
+    seeded = tmp_path / "seeds"
+    seeded.mkdir()
+    for seed, ppl in ((1, 100.0), (2, 104.0), (3, 102.0)):
+        for r in passing_set().values():
+            if r.model_name == "resnet_bk_baseline":
+                continue
+            r.model_name = f"{r.model_name}-seed{seed}"
+            r.config["model_name"] = r.model_name
+            r.seed = r.config["seed"] = seed
+            r.test_perplexity *= ppl / 100
+            r.save(seeded / f"{r.model_name}_results.json")
+    md = build_report(seeded)["report_md"].read_text()
+    summary = md[md.index("## Summary"):md.index("## Setup")]
+    assert "`transformer_baseline` 102.00 (n = 3, 95% CI" in summary
+    assert "`resnet_bk_full` 122.40 (n = 3, 95% CI" in summary and "1.20x" in summary
+    assert "-seed1" not in summary

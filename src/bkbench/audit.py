@@ -13,6 +13,25 @@ difference, however small, means some operation mixed in information from a late
 (possibly only through a shape- or value-dependent choice of kernel, which is still a
 dependence on the future and worth knowing about).
 
+The perturbations are batched: all changed sequences go through the model in one forward
+per mode, and the unchanged sequences, repeated, in a second forward of exactly the same
+shape, so every changed row is compared with its unchanged twin computed at the same row of a
+same-shaped batch. Comparing against a base computed in a smaller batch would not do: the
+kernels see other row counts (a (P*T, d) GEMM instead of (S*T, d)), CPU kernels are chosen by
+shape, and the last bits could differ without any leak. In equal shapes the argument above
+holds unchanged. (ResNet-BK's experts see row counts that depend on the routing of the whole
+batch; their padding, see ``models/resnet_bk.py``, is what keeps a token's result independent
+of them, batched or not, as it already had to between the sequences of one batch.)
+
+For a :class:`~bkbench.models.common.LanguageModel` whose logits are
+``lm_head(features(idx))`` (the base class's forward) with a finite ``nn.Linear`` head, the
+audit compares the features and skips the head, which at a WikiText-2 vocabulary is nearly all
+of a forward's work: a Linear maps each position on its own, and the two batches have the same
+shape, so bit-identical features at positions < k give bit-identical logits there. Where the
+features do differ, both sides go through the head (in equal shapes) and the leak is reported
+in logits as before. The responsiveness check then asks whether the change reached the head's
+input.
+
 Both modes are checked. In train mode dropout is active, so the global RNG is reseeded to the
 same value before the base forward and before every perturbed forward: dropout masks are drawn
 for tensors of fixed shapes in a fixed order, so the masks match and the two forwards differ
@@ -30,6 +49,8 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+
+from .models.common import LanguageModel
 
 __all__ = ["CausalityAudit", "ModeAudit", "audit_causality", "format_audit", "default_positions"]
 
@@ -112,29 +133,56 @@ def _leak(base: torch.Tensor, other: torch.Tensor) -> float:
         return 0.0
     if not (torch.isfinite(base).all() and torch.isfinite(other).all()):
         return math.nan
+    if torch.equal(base, other):  # the causal case, without a float64 copy of the logits
+        return 0.0
     return float((other.double() - base.double()).abs().max())
 
 
+def _head_split(model: nn.Module) -> nn.Linear | None:
+    """The LM head when the model's logits are ``lm_head(features(idx))`` with a finite Linear."""
+    if not (isinstance(model, LanguageModel) and type(model).forward is LanguageModel.forward):
+        return None
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        return None
+    if not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+        return None  # let the logits themselves show the non-finite values
+    return head
+
+
 def _audit_mode(model: nn.Module, mode: str, seqs: torch.Tensor, perturbed: dict[int, torch.Tensor],
-                forward_seed: int, device: torch.device) -> ModeAudit:
+                forward_seed: int) -> ModeAudit:
     model.train(mode == "train")
+    head = _head_split(model)
+    net = model if head is None else model.features
 
     def forward(idx: torch.Tensor) -> torch.Tensor:
         # the same seed before every forward: identical dropout masks in train mode
         torch.manual_seed(forward_seed)
-        return model(idx)
+        return net(idx)
 
-    base = forward(seqs)
-    if base.shape[:2] != seqs.shape:
-        raise ValueError(f"model returned shape {tuple(base.shape)} for input {tuple(seqs.shape)}; "
-                         "expected (batch, seq, vocab)")
+    positions = list(perturbed)
+    n = seqs.shape[0]
+    changed = torch.cat([perturbed[k] for k in positions])        # (P, T), P = n * positions
+    # the unchanged twins, in a batch of the same shape (see the module docstring)
+    base = forward(seqs.repeat(len(positions), 1))
+    if base.shape[:2] != changed.shape:
+        raise ValueError(f"model returned shape {tuple(base.shape)} for input "
+                         f"{tuple(changed.shape)}; expected (batch, seq, vocab)")
+    out = forward(changed)
     leaks: dict[int, float] = {}
     responsive = True
-    for k, changed in perturbed.items():
-        out = forward(changed)
-        leaks[k] = _leak(base[:, :k], out[:, :k])
+    for j, k in enumerate(positions):
+        rows = slice(j * n, (j + 1) * n)
+        before, after = base[rows, :k], out[rows, :k]
+        leak = _leak(before, after)
+        if head is not None and leak != 0.0:
+            # the features moved (or are not finite): measure what that does to the logits,
+            # both sides through the head in the same shape
+            leak = _leak(head(before), head(after))
+        leaks[k] = leak
         # sanity: the change must be visible somewhere from position k on, else the trial is vacuous
-        if torch.equal(base[:, k:], out[:, k:]):
+        if torch.equal(base[rows, k:], out[rows, k:]):
             responsive = False
     worst, max_leak = None, 0.0
     for k, value in leaks.items():
@@ -144,7 +192,7 @@ def _audit_mode(model: nn.Module, mode: str, seqs: torch.Tensor, perturbed: dict
         if worst is None or value > max_leak:
             worst, max_leak = k, value
     return ModeAudit(mode=mode, max_leak=max_leak, worst_position=worst, leak_by_position=leaks,
-                     perturbations=seqs.shape[0] * len(perturbed), responsive=responsive)
+                     perturbations=changed.shape[0], responsive=responsive)
 
 
 def audit_causality(model: nn.Module, vocab_size: int, *, seq_len: int | None = None,
@@ -206,7 +254,7 @@ def audit_causality(model: nn.Module, vocab_size: int, *, seq_len: int | None = 
     try:
         with torch.random.fork_rng(devices=_cuda_devices(device)), torch.no_grad():
             for mode in modes:
-                results[mode] = _audit_mode(model, mode, seqs, perturbed, forward_seed, device)
+                results[mode] = _audit_mode(model, mode, seqs, perturbed, forward_seed)
                 # train-mode forwards may update buffers (running statistics): undo that
                 for name, buf in model.named_buffers():
                     buf.copy_(saved_buffers[name])

@@ -192,6 +192,7 @@ class WikiText2Benchmark:
             data=data.to_dict(),
             peak_memory_mb=memory.increase_bytes / 2**20,
             memory=_memory_fields(memory, setup_memory),
+            contention=outcome.contention,
             causality=audit.to_dict(),
             perplexity_valid_for_lm=audit.causal,
             seed=config.seed,

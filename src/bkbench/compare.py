@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .atomic import write_json_atomic
+from .metrics.contention import TIME_METRICS, contended_reason
 from .results import BenchmarkResults
 
 __all__ = ["compare_results", "format_comparison", "write_comparison", "write_seed_comparisons",
@@ -90,6 +91,9 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
         va, vb = _value(a, key), _value(b, key)
         metrics[key] = {"label": label, "unit": unit, "lower_is_better": lower_better,
                         "a": va, "b": vb, "ratio": _ratio(va, vb)}
+    contended = [why for r in (a, b) if (why := contended_reason(r.model_name, r.contention))]
+    for key in TIME_METRICS if contended else ():
+        metrics[key]["untestable"] = "; ".join(contended)
     scheme_a, scheme_b = a.config.get("split_scheme"), b.config.get("split_scheme")
     notes = []
     if scheme_a != scheme_b:
@@ -107,6 +111,8 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
     dev_a, dev_b = a.environment.get("device"), b.environment.get("device")
     if dev_a != dev_b:
         notes.append(f"different devices ({dev_a} vs {dev_b}): time and memory not comparable")
+    for why in contended:
+        notes.append(f"{why}: the time ratios are not judged")
     mem_a = (a.memory or {}).get("method")
     mem_b = (b.memory or {}).get("method")
     if mem_a != mem_b:
@@ -116,6 +122,8 @@ def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
         "split_scheme": scheme_a if scheme_a == scheme_b else [scheme_a, scheme_b],
         "proxy": "proxy" in (scheme_a, scheme_b),
         "causal": {a.model_name: causal_verdict(a), b.model_name: causal_verdict(b)},
+        "contended": {r.model_name: bool((r.contention or {}).get("contended"))
+                      for r in (a, b)},
         "parameters": {a.model_name: a.num_parameters, b.model_name: b.num_parameters},
         "metrics": metrics,
         "notes": notes,
@@ -140,6 +148,8 @@ def format_comparison(d: dict[str, Any]) -> str:
     for key, m in d["metrics"].items():
         label = m["label"] + (f" ({m['unit']})" if m["unit"] and m["unit"] != "FLOP" else "")
         ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.3f}"
+        if m.get("untestable"):
+            ratio += " (contended)"
         rows.append((label, _fmt(m["a"], m["unit"]), _fmt(m["b"], m["unit"]), ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []

@@ -24,6 +24,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models.common import LanguageModel
+from .ops.lm_loss import lm_head_nll
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -59,6 +62,35 @@ def _windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int
         windows.append((start, end, scored_until))
         scored_until = end
     return windows
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """``model.lm_head`` if the model's logits are ``lm_head(features(idx))`` (it keeps
+    :class:`LanguageModel`'s forward), so that a loss may fuse the head; else None."""
+    head = getattr(model, "lm_head", None)
+    if (isinstance(model, LanguageModel) and isinstance(head, nn.Linear)
+            and getattr(model.forward, "__func__", None) is LanguageModel.forward):
+        return head
+    return None
+
+
+def target_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+               reduction: str = "sum", *, call: nn.Module | None = None) -> torch.Tensor:
+    """NLL of ``targets`` (summed, or per target with ``reduction="none"``) in float32.
+
+    A bkbench language model runs its LM head fused with the NLL, chunk by chunk
+    (:mod:`bkbench.ops.lm_loss`: the logits never exist in full); any other module's logits go
+    through ``F.cross_entropy``. ``call``: the module to run (e.g. a DDP wrapper of ``model``).
+    """
+    call = model if call is None else call
+    head = fused_head(model)
+    if head is not None:
+        features = call(inputs, return_features=True)
+        return lm_head_nll(features, head.weight, head.bias, targets, reduction=reduction)
+    logits = call(inputs)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll
 
 
 @torch.no_grad()
@@ -109,9 +141,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: i
             inputs, targets = chunk[:, :-1], chunk[:, 1:]
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = model(inputs)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                  targets.reshape(-1), reduction="none").view(len(batch), length)
+                nll = target_nll(model, inputs, targets, reduction="none")
             # score only positions at or after each window's first scored target
             first = torch.tensor([w[2] - w[0] for w in batch], device=device)
             mask = torch.arange(length, device=device)[None, :] >= first[:, None]

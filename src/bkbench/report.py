@@ -21,6 +21,8 @@ claim's condition. Conditions, chosen so that nothing the run could not test pas
 * training time and peak memory: the seed made these claims for long sequences, where O(N)
   against O(N^2) dominates; they are tested only when n_seq >= :data:`LONG_SEQUENCE_N` (2048)
   and both runs ran on the same device (memory: measured by the same method);
+* training time is not judged when either run's timings were ``contended`` (the machine was
+  busy, see :mod:`bkbench.metrics.contention`): UNTESTABLE with the reasons;
 * a range ("50-100x lower") is read as its lower bound: reaching it passes, beyond the range
   is noted.
 """
@@ -42,6 +44,7 @@ from .atomic import write_bytes_atomic
 from .compare import (PEER_PAIRS, as_finite, causal_verdict, format_comparison,
                       seed_comparisons, write_seed_comparisons)
 from .config import ARCHITECTURES, OPTIMIZATION_FLAGS, BenchmarkConfig
+from .metrics.contention import contended_reason
 from .results import BenchmarkResults
 
 __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claims",
@@ -319,7 +322,12 @@ def _audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
         ratio = t_bk / t_tf
         measured = (f"{t_bk:,.0f} vs {t_tf:,.0f} training tokens/s: {ratio:.2f}x faster "
                     f"(n_seq = {n_seq})")
-        if short_run:
+        contended = [w for r in (tf, bk) if (w := contended_reason(r.model_name, r.contention))]
+        if contended:
+            claims.append(_claim(name, statement, cond, measured, "UNTESTABLE",
+                                 "; ".join(contended + ([short_run] if short_run else [])),
+                                 ratio))
+        elif short_run:
             claims.append(_claim(name, statement, cond, measured, "UNTESTABLE", short_run, ratio))
         elif not same:
             claims.append(_claim(name, statement, cond, measured, "UNTESTABLE", why, ratio))
@@ -710,7 +718,8 @@ def _causal_text(r: BenchmarkResults) -> str:
 
 
 def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
-               claims: list[Claim], problems: list[str]) -> _Doc:
+               claims: list[Claim], problems: list[str],
+               aggregates: dict[str, dict] | None = None) -> _Doc:
     """``comparisons``: the seed's pairs, computed from ``results`` (see build_report)."""
     doc = _Doc()
     names = list(results)
@@ -725,6 +734,7 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     if problems:
         doc.p("**Files skipped:**")
         doc.bullets(problems)
+    _summary_section(doc, results, claims, aggregates or {})
 
     # --- setup
     doc.h(2, "Setup")
@@ -776,10 +786,11 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
         rows.append([n, f"{r.num_parameters:,}", _f(r.valid_perplexity), _f(r.test_perplexity),
                      f"{r.test_tokens:,}", _causal_text(r), _e(r.forward_flops),
                      _e(r.backward_flops), _e(r.optimizer_flops), _e(r.total_flops),
-                     _f(r.training_time, ".1f"), _f(r.tokens_per_second, ",.0f"),
+                     _timing(r, r.training_time, ".1f"), _timing(r, r.tokens_per_second, ",.0f"),
                      _f(r.peak_memory_mb, ",.1f"), _f(r.model_size_mb, ".2f")])
     doc.table(head, rows)
     _peers_section(doc, results)
+    _contention_section(doc, results)
 
     # --- claims
     doc.h(2, "Claims audit")
@@ -900,7 +911,8 @@ def _comparison_table(doc: _Doc, d: dict) -> None:
         unit = m.get("unit", "")
         fmt = _e if unit == "FLOP" else (lambda v: _f(v, ",.2f"))
         rows.append([m.get("label", key), fmt(m.get("a")), fmt(m.get("b")),
-                     _f(m.get("ratio"), ".3f")])
+                     _f(m.get("ratio"), ".3f")
+                     + (" (contended: not judged)" if m.get("untestable") else "")])
     doc.table(["metric", str(d.get("a")), str(d.get("b")), "a / b"], rows)
     doc.bullets([f"Note: {note}" for note in d.get("notes") or []])
 
@@ -927,12 +939,130 @@ def _peers_section(doc: _Doc, results: dict[str, BenchmarkResults]) -> None:
         step = [as_finite(x) for x in (r.forward_flops, r.backward_flops, r.optimizer_flops)]
         rows.append([n, r.config.get("architecture", ""), _f(r.test_perplexity),
                      _e(sum(step)) if None not in step else "n/a", _e(r.total_flops),
-                     _f(r.tokens_per_second, ",.0f"), _f(r.peak_memory_mb, ",.1f"),
+                     _timing(r, r.tokens_per_second, ",.0f"), _f(r.peak_memory_mb, ",.1f"),
                      f"{r.num_parameters:,}{rel}", _causal_text(r)])
     doc.table(["run (by test ppl)", "architecture", "test ppl", "FLOPs/step", "training FLOPs",
                "tokens/s", "peak mem (MiB)", "params", "causality"], rows)
     for d in seed_comparisons(results, PEER_PAIRS):
         _comparison_table(doc, d)
+
+
+def _seed_summary(agg: dict | None, metric: str) -> dict | None:
+    m = ((agg or {}).get("metrics") or {}).get(metric) or {}
+    s = m.get("summary")
+    return s if isinstance(s, dict) and as_finite(s.get("mean")) is not None else None
+
+
+def _timing(r: BenchmarkResults, value: Any, spec: str) -> str:
+    """A timing, marked where the machine was busy while it was taken."""
+    text = _f(value, spec)
+    return text + " (contended)" if (r.contention or {}).get("contended") else text
+
+
+_OF_TF = "the Transformer's"
+
+
+def _ratio_text(x: float | None, what: str) -> str:
+    return "n/a" if x is None else f"{x:.2f}x {what}"
+
+
+def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: list[Claim],
+                     aggregates: dict[str, dict]) -> None:
+    """What the run found, from the numbers, before any setup table."""
+    doc.h(2, "Summary")
+    # seed repeats (<run>-seed<s>) are summarized by their means and intervals, not one by one
+    from .experiments.seeds import seed_groups
+    repeats = {r.model_name for g in seed_groups(results).values() for r in g}
+    results = {n: r for n, r in _with_seed_means(results)[0].items() if n not in repeats}
+    tf = results.get(BASELINE)
+    lines = []
+    # perplexity, with the interval over seeds where repeated seeds were aggregated
+    ppl = []
+    for n, r in results.items():
+        text = f"`{n}` {_f(r.test_perplexity)}" + (" (seed mean)" if n in aggregates else "")
+        if tf is not None and r is not tf:
+            ratio = _div(r.test_perplexity, tf.test_perplexity)
+            text += f" ({_ratio_text(ratio, _OF_TF)})"
+        if causal_verdict(r) is False:
+            text += " **NOT CAUSAL**"
+        ppl.append(text)
+    lines.append("Test perplexity: " + "; ".join(ppl) + ".")
+    seeded = {n: s for n, a in aggregates.items() if (s := _seed_summary(a, "test_perplexity"))}
+    if seeded:
+        ref = seeded.get(BASELINE)
+        parts = []
+        for n, s in seeded.items():
+            ci = ("" if as_finite(s.get("ci_low")) is None else
+                  f", {100 * s.get('confidence', 0.95):.0f}% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}")
+            text = f"`{n}` {s['mean']:.2f} (n = {s.get('n')}{ci})"
+            if ref is not None and n != BASELINE:
+                text += f", {_ratio_text(_div(s['mean'], ref['mean']), _OF_TF)}"
+            parts.append(text)
+        lines.append("Over repeated seeds, mean test perplexity: " + "; ".join(parts) + ".")
+    if tf is None:
+        lines.append(f"No `{BASELINE}` run in these results: no ratios to the Transformer.")
+    else:
+        for n, r in results.items():
+            if r is tf:
+                continue
+            fwd = _div(tf.forward_flops, r.forward_flops)
+            bwd = _div(tf.backward_flops, r.backward_flops)
+            speed = _div(r.tokens_per_second, tf.tokens_per_second)
+            mem = _div(r.peak_memory_mb, tf.peak_memory_mb)
+            busy = [w for x in (tf, r) if (w := contended_reason(x.model_name, x.contention))]
+            speed_text = _ratio_text(speed, "the Transformer's training tokens/s")
+            if busy:
+                speed_text += " (**contended, not judged**: " + "; ".join(busy) + ")"
+            lines.append(
+                f"`{n}` against the Transformer: forward FLOPs/step "
+                f"{_ratio_text(fwd, 'fewer')}, backward {_ratio_text(bwd, 'fewer')}; measured "
+                f"speed {speed_text}; peak memory {_f(r.peak_memory_mb, ',.1f')} vs "
+                f"{_f(tf.peak_memory_mb, ',.1f')} MiB ({_ratio_text(mem, _OF_TF)}).")
+    doc.bullets(lines)
+    doc.p("Verdicts on the seed's claims (details in the claims audit below):")
+    doc.bullets([f"**{c.verdict}** {c.statement}: {c.measured} ({c.reason})" for c in claims])
+
+
+def _div(a: Any, b: Any) -> float | None:
+    a, b = as_finite(a), as_finite(b)
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _contention_section(doc: _Doc, results: dict[str, BenchmarkResults]) -> None:
+    """Whether the machine was busy while each run's steps were timed."""
+    doc.h(3, "Timing conditions")
+    doc.p("Load average (1 min) sampled during training, CPU time and run-queue wait (time "
+          "the process's threads were ready but had no CPU) over the timed steps. A run is "
+          "contended when the mean load exceeds 1.25 x the machine's CPUs, when its threads "
+          "waited for a CPU more than 0.25 x the timed wall time (where Linux reports it; "
+          "else CPU/wall below 0.7 x threads), or when other processes used its GPU. "
+          "Time claims from contended runs are not judged.")
+    rows = []
+    for n, r in results.items():
+        c = r.contention
+        if not c:
+            rows.append([n, "not recorded", "", "", "", "", "", ""])
+            continue
+        load = lambda x: "n/a" if not x else _f(x[0])  # noqa: E731
+        rows.append([
+            n, "**contended**: " + "; ".join(c.get("reasons") or []) if c.get("contended")
+            else "not contended",
+            f"{load(c.get('load_start'))} / {_f(c.get('load_mean'))} / "
+            f"{_f(c.get('load_max'))} / {load(c.get('load_end'))}",
+            f"{c.get('cpus_available')} of {c.get('machine_cpus')}",
+            str(c.get("torch_threads")), _f(c.get("cpu_per_wall")),
+            _f(c.get("runqueue_wait_per_wall")), _gpu_text(c.get("gpu_end"))])
+    doc.table(["run", "timings", "load start / mean / max / end", "CPUs available",
+               "torch threads", "CPU / wall", "run-queue wait / wall", "GPU"], rows)
+
+
+def _gpu_text(gpu: dict | None) -> str:
+    if not gpu:
+        return "n/a"
+    if gpu.get("source") is None:
+        return str(gpu.get("reason", "unknown"))
+    others = gpu.get("other_processes") or []
+    return f"{_f(gpu.get('utilization_percent'), '.0f')}% busy, {len(others)} other process(es)"
 
 
 def _pct(x: Any, signed: bool = True) -> str:
@@ -963,7 +1093,7 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
         "training_curves": plot_training_curves(results, folder / "training_curves.png"),
         "flops_breakdown": plot_flops_breakdown(results, folder / "flops_breakdown.png"),
     }
-    doc = _build_doc(results, comparisons, claims, problems)
+    doc = _build_doc(results, comparisons, claims, problems, seed_info.get("aggregates"))
     seeds_section(doc, seed_info)
     budget_section(doc, results)
     scale_images = [folder / n for n in scale_section(doc, scale)]

@@ -72,6 +72,8 @@ class BenchmarkResults:
     flops: dict[str, Any] | None = None
     peak_memory_mb: float | None = None
     memory: dict[str, Any] | None = None
+    # was the machine busy over the timed steps? (bkbench.metrics.contention; null: unknown)
+    contention: dict[str, Any] | None = None
 
     # durability: seconds spent writing checkpoints (excluded from training_time)
     checkpoint_time: float | None = None

@@ -179,5 +179,11 @@ def mean_results(group: Sequence[BenchmarkResults]) -> BenchmarkResults:
     causal = [(r.causality or {}).get("causal") for r in group]
     if first.causality is not None:
         values["causality"] = dict(first.causality, causal=all(bool(c) for c in causal))
+    # a mean timing is only as good as its worst seed's conditions
+    busy = [r for r in group if (r.contention or {}).get("contended")]
+    if busy:
+        values["contention"] = {"contended": True, "reasons": [
+            f"{r.model_name}: " + "; ".join((r.contention or {}).get("reasons") or [])
+            for r in busy]}
     known = {f.name for f in dataclasses.fields(BenchmarkResults)}
     return BenchmarkResults(**{k: v for k, v in values.items() if k in known})

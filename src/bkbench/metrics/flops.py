@@ -33,7 +33,11 @@ being run (each node is tagged when it is created). The counter's own per-module
 not used: in the backward it follows module hooks, which mis-attribute work as soon as a module
 returns its input unchanged (dropout with p = 0). Whatever runs outside the model (the
 cross-entropy and the auxiliary-loss sum) is the ``loss`` component, and ops of a module that
-belongs to no component are ``other``. The components add up to the counter's global total
+belongs to no component are ``other``. The LM head fused with the loss
+(``bkbench.ops.lm_loss``, what training and evaluation run) is one op with a registered
+formula: its head products are charged to ``lm_head`` -- 2·N·d·V in the forward, 4·N·d·V in
+the backward, exactly what the unfused head is charged -- and the log-softmax/NLL inside it is
+estimated as uncounted, as the unfused ops would be. The components add up to the counter's global total
 (any difference would be put under ``other`` and noted).
 
 What is not counted
@@ -62,6 +66,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..eval import fused_head
+from ..ops.lm_loss import FUSED_OPS, lm_head_nll
+from ..ops.lm_loss import logits_of as lm_logits_of
 
 __all__ = [
     "FlopReport",
@@ -324,8 +332,10 @@ class _Census(TorchDispatchMode):
     """Sees every dispatched aten op of the step.
 
     Ops with a FLOP formula (the counter's registry) are charged, with the same formula, to the
-    component that is current (:class:`_ComponentTracker`); every other op is charged a formula
-    cost per element as 'uncounted'.
+    component that is current (:class:`_ComponentTracker`), or for a fused op of
+    ``ops.lm_loss.FUSED_OPS`` (the LM head with the loss) to its own component, ``lm_head``, plus
+    the softmax/NLL work inside it as uncounted; every other op is charged a formula cost per
+    element as 'uncounted'.
     """
 
     def __init__(self, registry: dict, tracker: "_ComponentTracker"):
@@ -351,7 +361,14 @@ class _Census(TorchDispatchMode):
             except Exception as exc:  # the counter itself would have failed the same way
                 self.errors.append(f"{packet}: {exc}")
             else:
-                self.counted[self.phase][self._tracker.current(self.phase)] += int(n)
+                fused = FUSED_OPS.get(packet)
+                comp = fused[0] if fused else self._tracker.current(self.phase)
+                self.counted[self.phase][comp] += int(n)
+                if fused:  # the uncounted work inside the fused op, as if it were unfused
+                    logits = lm_logits_of(packet, args)
+                    for category, per_logit in fused[1].items():
+                        self.flops[self.phase][category] += per_logit * logits
+                        self.ops[self.phase][packet.__name__] += int(per_logit * logits)
             return out
         try:
             self._record(func, args, kwargs, out)
@@ -843,20 +860,23 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
     """Count the FLOPs of one real training step of ``model`` (see the module docstring).
 
     A random (batch_size, seq_len) token batch runs forward in train mode, the loss
-    (``loss_fn(logits, targets)``, default: cross-entropy as in training, plus the model's
-    ``auxiliary_loss()``) and backward; ``optimizer`` (a torch optimizer, a name, or None for
+    (``loss_fn(logits, targets)``; default: the cross-entropy as in training, i.e. the LM head
+    fused with it, ``bkbench.ops.lm_loss``, for a model whose forward is
+    ``lm_head(features(idx))``; plus the model's ``auxiliary_loss()``) and backward; ``optimizer`` (a torch optimizer, a name, or None for
     AdamW over the trainable parameters) is charged by formula, with gradient clipping when
     ``grad_clip``. The model's parameters, gradients, buffers, modes and the RNG state are
     left as they were; no optimizer step is taken.
     """
     device = torch.device(device)
-    loss_fn = loss_fn or _default_loss
     components = _components(model)
     counter = _new_counter()
     tracker = _ComponentTracker(model)
     census = _Census(counter.flop_registry, tracker)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
+    # as in training: the LM head fused with the loss, unless a loss of the logits is given
+    head = fused_head(model) if loss_fn is None else None
+    loss_fn = loss_fn or _default_loss
     with _preserved_state(model, device):
         inputs, targets = _random_batch(batch_size, seq_len, vocab_size, device, seed)
         model.train()
@@ -866,10 +886,14 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
                 with autocast:
                     tracker._enter_root()
                     try:
-                        logits = model(inputs)
+                        logits = model(inputs, return_features=True) if head is not None else model(inputs)
                     finally:
                         tracker._stack.clear()
-                loss = loss_fn(logits, targets)
+                    if head is not None:
+                        loss = lm_head_nll(logits, head.weight, head.bias,
+                                           targets) / targets.numel()
+                if head is None:
+                    loss = loss_fn(logits, targets)
                 aux = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
                 if aux is not None:
                     loss = loss + aux
@@ -972,13 +996,16 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
         tracker.install()
         try:
             with torch.no_grad(), counter, census:
+                head = fused_head(model)
                 tracker._enter_root()
                 try:
-                    logits = model(inputs)
+                    out = model(inputs, return_features=True) if head is not None else model(inputs)
                 finally:
                     tracker._stack.clear()
-                F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                targets.reshape(-1))
+                if head is not None:   # as evaluate() does
+                    lm_head_nll(out, head.weight, head.bias, targets, reduction="none")
+                else:
+                    F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1))
         finally:
             tracker.remove()
         counts = _snapshot(counter.get_flop_counts())

@@ -33,9 +33,13 @@ class LanguageModel(nn.Module):
         """(B, T) token ids -> (B, T, d) final hidden states, the LM head's input."""
         raise NotImplementedError
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        # split so that a loss can fuse the LM head with the cross-entropy (features + lm_head)
-        return self.lm_head(self.features(idx))
+    def forward(self, idx: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with ``return_features`` the LM head's input (B, T, d) instead,
+        for a loss that fuses the head with the cross-entropy (``bkbench.ops.lm_loss``). A
+        keyword of ``forward`` rather than a call of ``features`` so that it also works through
+        a DistributedDataParallel wrapper, which only hooks ``forward``."""
+        h = self.features(idx)
+        return h if return_features else self.lm_head(h)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Extra training loss produced by the last forward pass (None if the model has none)."""
