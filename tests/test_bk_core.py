@@ -34,6 +34,14 @@ PATHS = [
     pytest.param("autograd", dict(analytic_gradient=False), id="autograd"),
 ]
 
+def _forward(v, *args, **kw):
+    """The forward of the path ``kw`` names. The autograd path is taken only where a graph is
+    recorded (without one the compiled forward runs), so here v requires grad for it."""
+    if kw.get("analytic_gradient") is False:
+        return resolvent_diag(v.detach().requires_grad_(), *args, **kw).detach()
+    return resolvent_diag(v, *args, **kw)
+
+
 SHAPES = [(1,), (2,), (3, 1), (2, 2), (2, 3, 5), (4, 7)]
 
 
@@ -60,7 +68,7 @@ def test_forward_matches_dense_oracle_float64(name, kw, causal):
     for shape in SHAPES:
         v = 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
         h0, t, energy, eps = _random_params(shape, gen)
-        got = resolvent_diag(v, h0, t, energy=energy, eps=eps, causal=causal, **kw)
+        got = _forward(v, h0, t, energy=energy, eps=eps, causal=causal, **kw)
         want = dense_resolvent_diag(v, h0, t, energy, eps, causal=causal)
         assert got.dtype == torch.complex128 and got.shape == v.shape
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
@@ -71,10 +79,10 @@ def test_forward_with_scalar_z_and_defaults(name, kw):
     gen = torch.Generator().manual_seed(7)
     v = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     for causal in (True, False):
-        got = resolvent_diag(v, causal=causal, **kw)  # h0=-2, t=1, z=i
+        got = _forward(v, causal=causal, **kw)  # h0=-2, t=1, z=i
         want = dense_resolvent_diag(v, -2.0, 1.0, 0.0, 1.0, causal=causal)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-        got = resolvent_diag(v, 0.5, 0.8, 0.3 + 0.25j, causal=causal, **kw)
+        got = _forward(v, 0.5, 0.8, 0.3 + 0.25j, causal=causal, **kw)
         want = dense_resolvent_diag(v, 0.5, 0.8, 0.3, 0.25, causal=causal)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
@@ -84,7 +92,7 @@ def test_float32_gives_complex64(name, kw):
     gen = torch.Generator().manual_seed(3)
     v = torch.randn(2, 3, 9, generator=gen)
     for causal in (True, False):
-        g = resolvent_diag(v, -2.0, 1.0, 0.5j, causal=causal, **kw)
+        g = _forward(v, -2.0, 1.0, 0.5j, causal=causal, **kw)
         assert g.dtype == torch.complex64
         want = dense_resolvent_diag(v, -2.0, 1.0, 0.0, 0.5, causal=causal)
         torch.testing.assert_close(g.to(torch.complex128), want, rtol=1e-5, atol=1e-5)
@@ -175,12 +183,12 @@ def test_causal_output_ignores_later_positions_bit_for_bit(name, kw, dtype):
     n = 12 if name in ("reference", "triton") else 257
     v = torch.randn(3, n, generator=gen).to(dtype)
     t = torch.tensor(0.9, dtype=dtype)
-    base = resolvent_diag(v, -2.0, t, 0.2 + 0.3j, causal=True, **kw)
+    base = _forward(v, -2.0, t, 0.2 + 0.3j, causal=True, **kw)
     for k in (0, 1, n // 2, n - 1):
         w = v.clone()
         w[:, k] += 3.0
         w[:, k + 1:] = torch.randn(w[:, k + 1:].shape, generator=gen).to(dtype)
-        out = resolvent_diag(w, -2.0, t, 0.2 + 0.3j, causal=True, **kw)
+        out = _forward(w, -2.0, t, 0.2 + 0.3j, causal=True, **kw)
         assert torch.equal(out[:, :k], base[:, :k]), f"position < {k} moved"
         assert not torch.equal(out[:, k], base[:, k])
 
@@ -410,3 +418,37 @@ def test_concurrent_calls_from_threads():
     for th in threads:
         th.join()
     assert not errors
+
+
+# ------------------------------------------------------------------------------------------
+# analytic_gradient=False changes the backward only: no gradient to record, compiled forward
+# ------------------------------------------------------------------------------------------
+def test_without_a_gradient_to_record_the_autograd_setting_runs_the_compiled_forward(monkeypatch):
+    import bkbench.ops.bk_core as core
+
+    calls = {"compiled": 0, "recurrence": 0}
+    compiled, recurrence = core._cpu.forward, core._naive.autograd_recurrence
+
+    def counted_compiled(*a):
+        calls["compiled"] += 1
+        return compiled(*a)
+
+    def counted_recurrence(*a):
+        calls["recurrence"] += 1
+        return recurrence(*a)
+
+    monkeypatch.setattr(core._cpu, "forward", counted_compiled)
+    monkeypatch.setattr(core._naive, "autograd_recurrence", counted_recurrence)
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(4, 2, 33, generator=gen)
+    t = torch.tensor([0.7, 1.2], requires_grad=True)
+    want = dense_resolvent_diag(v, -2.0, t.detach(), 0.1, 0.6)
+    with torch.no_grad():
+        g = resolvent_diag(v, -2.0, t, 0.1 + 0.6j, analytic_gradient=False)
+    assert calls == {"compiled": 1, "recurrence": 0}
+    torch.testing.assert_close(g.to(torch.complex128), want, rtol=1e-5, atol=1e-6)
+    g = resolvent_diag(v, -2.0, 1.0, 0.1 + 0.6j, analytic_gradient=False)   # nothing requires grad
+    assert calls == {"compiled": 2, "recurrence": 0}
+    g = resolvent_diag(v, -2.0, t, 0.1 + 0.6j, analytic_gradient=False)     # t requires grad
+    assert calls == {"compiled": 2, "recurrence": 1} and g.requires_grad
+    torch.testing.assert_close(g.detach().to(torch.complex128), want, rtol=1e-5, atol=1e-6)

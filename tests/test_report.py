@@ -35,7 +35,13 @@ def _flops(fwd: float, bwd: float, opt: float, steps: int) -> dict:
             "analytic": {"architecture": "transformer", "forward": fwd, "backward": bwd,
                          "forward_rel_diff": 0.0, "backward_rel_diff": 0.0, "notes": "mm"},
             "optimizer_name": "adamw", "optimizer_flops_per_parameter": 17,
+            "optimizer_flops_per_parameter_without_decay": 16, "decayed_parameters": 900,
             "num_parameters": 1000, "optimizer_explanation": "AdamW 14 + clipping 3",
+            "sources": {"forward": {"counted": int(fwd) - 12345, "formula": 12345},
+                        "backward": {"counted": int(bwd) - 23456, "formula": 23456},
+                        "optimizer": {"counted": 0, "formula": int(opt)},
+                        "uncounted": {"counted": 0, "formula": int(0.05 * (fwd + bwd))},
+                        "explanation": "counted: by the counter; formula: by hand"},
             "notes": []}
 
 
@@ -148,6 +154,28 @@ def test_missing_runs_or_measurements_are_untestable():
     assert v["training_time"] == "UNTESTABLE" and v["forward_flops"] == "PASS"
 
 
+@pytest.mark.parametrize("field,a,b", [("epochs", 3, 5), ("max_steps", None, 200),
+                                        ("max_tokens", None, 10**6), ("lr", 1e-3, 3e-3),
+                                        ("seed", 42, 43), ("dropout", 0.1, 0.0),
+                                        ("batch_size", 32, 16), ("eval_stride", None, 64)])
+def test_claims_need_the_same_training_recipe(field, a, b):
+    results = passing_set()
+    results["transformer_baseline"].config[field] = a
+    results["resnet_bk_full"].config[field] = b
+    claims = audit_claims(results)
+    assert {c.verdict for c in claims} == {"UNTESTABLE"}
+    assert all(f"{field}: {a!r} vs {b!r}" in c.reason for c in claims)
+
+
+def test_flags_and_architecture_fields_may_differ():
+    results = passing_set()
+    bk = results["resnet_bk_full"].config
+    bk.update(num_experts=4, top_k=1, bk_heads=1, moe_balance_weight=0.01, device="cuda",
+              data_dir="/elsewhere", checkpoint_every=50)
+    results["transformer_baseline"].config.update(n_heads=4, data_dir="/data")
+    assert set(verdicts(results).values()) == {"PASS"}
+
+
 def test_compare_results_ratios_and_nulls(tmp_path):
     results = passing_set()
     a, b = results["transformer_baseline"], results["resnet_bk_full"]
@@ -193,6 +221,11 @@ def test_report_from_json_files(results_dir, capsys):
     for text in ("PROXY", "Claims audit", "PASS", "abc123", "training_curves.png",
                  "resnet_bk_full", "Causality audit", "Not counted"):
         assert text in md, text
+    # every FLOP figure is labelled counted or formula
+    assert "opt FLOPs/step (formula)" in md and "fwd FLOPs/step (counted+formula)" in md
+    assert "| figure | counted | formula |" in md
+    assert "| backward / step | 2.000e+12 | 2.346e+04 |" in md      # 2e12 - 23456 counted
+    assert "for each of 900 parameters with weight decay, 16 for each of 100 without" in md
     page = (results_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "<img src=\"training_curves.png\"" not in page      # self-contained

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from bkbench.audit import audit_causality
 from bkbench.config import BenchmarkConfig
 from bkbench.models import build_model
-from bkbench.models.resnet_bk import EXPERT_ROW_MULTIPLE, ResNetBKLM
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bkbench.models.resnet_bk import EXPERT_ROW_MULTIPLE, ResNetBKLM, naive_moe
 
 V = 64
 
@@ -223,3 +225,89 @@ def test_one_batch_overfits():
         opt.zero_grad()
     assert first > 3.5                                      # about log(64) = 4.16 at start
     assert loss.item() < 0.25 * first
+
+
+def test_router_learns_from_the_task_loss_at_top_1():
+    model = tiny(num_experts=4, top_k=1, moe_balance_weight=0.0, dropout=0.0).train()
+    idx = tokens(batch=2)
+    logits = model(idx)
+    assert model.auxiliary_loss() is None
+    F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
+    for block in model.blocks:
+        assert block.moe.gate.weight.grad.abs().max() > 1e-6
+    # the weight of the chosen expert is its probability under the softmax over all experts
+    moe = model.blocks[0].moe
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        probs = F.softmax(moe.gate(h), dim=-1)
+        out = moe(h)
+        chosen = probs.argmax(dim=-1)
+        expected = torch.stack([probs[i, e] * moe.experts[e](h[i:i + 1])[0]
+                                for i, e in enumerate(chosen.tolist())])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _idle(moe, e, h):
+    """Point expert e's gate row against the inputs' common direction: e gets no token."""
+    with torch.no_grad():
+        moe.gate.weight[e] = -5 * h.reshape(-1, h.shape[-1]).mean(0)
+
+
+@pytest.mark.parametrize("E,k,idle", [(4, 1, None), (4, 1, 2), (4, 2, None), (3, 3, None),
+                                      (5, 2, 0), (1, 1, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sorted_dispatch_equals_the_per_expert_loop(E, k, idle, dtype):
+    torch.manual_seed(E * 10 + k)
+    moe = tiny(num_experts=E, top_k=k, moe_balance_weight=0.1).blocks[0].moe.to(dtype).train()
+    for p in moe.parameters():
+        p.data.normal_(0, 0.3)
+    h = (torch.randn(16, dtype=dtype) + 0.3 * torch.randn(3, 21, 16, dtype=dtype))
+    if idle is not None:
+        _idle(moe, idle, h)
+    g_out = torch.randn(3, 21, 16, dtype=dtype)
+    results = []
+    for run in (moe, lambda x: naive_moe(moe, x)):
+        x = h.clone().requires_grad_(True)
+        out = run(x)
+        state = (moe.last_counts.clone(), moe.last_indices.clone(), moe.last_aux_loss)
+        ((out * g_out).sum() + state[2]).backward()
+        # the loop skips an idle expert (no gradient); the sorted dispatch gives it zeros
+        grads = [x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                            for p in moe.parameters()]
+        moe.zero_grad(set_to_none=True)
+        results.append((out.detach(), state, grads))
+    (out, state, grads), (ref_out, ref_state, ref_grads) = results
+    assert torch.equal(out, ref_out)                     # bit for bit
+    assert torch.equal(state[0], ref_state[0]) and torch.equal(state[1], ref_state[1])
+    assert torch.equal(state[2], ref_state[2])
+    assert int(state[0].sum()) == 3 * 21 * k
+    if idle is not None:
+        assert state[0][idle] == 0
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-7 if dtype == torch.float32 else 1e-14)
+
+
+def test_dispatch_scatters_nothing_and_every_expert_gets_a_gradient():
+    moe = tiny(num_experts=4, top_k=1).blocks[0].moe.train()
+    h = torch.randn(16) + 0.3 * torch.randn(4, 24, 16)
+    _idle(moe, 1, h)
+    x = h.clone().requires_grad_(True)
+    with _OpLog() as log:
+        moe(x).square().sum().backward()
+    assert moe.last_counts[1] == 0
+    assert not {op for op in log.ops if "scatter" in op or "index_add" in op or "index_put" in op}
+    assert "index_select" in log.ops
+    for name, p in moe.named_parameters():                # the idle expert's too (zeros)
+        assert p.grad is not None, name
+    assert torch.equal(moe.experts[1].fc.weight.grad, torch.zeros_like(moe.experts[1].fc.weight))

@@ -9,8 +9,10 @@ verdict from the measured numbers: PASS, FAIL, or UNTESTABLE when this run canno
 claim's condition. Conditions, chosen so that nothing the run could not test passes:
 
 * every claim compares ``resnet_bk_full`` with ``transformer_baseline``: both must be present
-  and share the training setup (d_model, n_layers, n_seq, batch_size, data variant, split
-  scheme, tokenizer);
+  and share the whole training recipe -- every config field except the optimisation flags,
+  the architecture-specific model fields and :data:`NOT_RECIPE` (budget, lr, schedule, seed,
+  dropout, batch size, data and evaluation included); else every claim is UNTESTABLE, naming
+  the fields that differ;
 * perplexity: held-out test perplexities scored on the same tokens; the Transformer must pass
   the causality audit (else UNTESTABLE: no valid reference) and so must ResNet-BK (a model
   that sees the future has no language-model perplexity: FAIL); unaudited: UNTESTABLE;
@@ -28,6 +30,7 @@ claim's condition. Conditions, chosen so that nothing the run could not test pas
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -40,6 +43,7 @@ from typing import Any
 from .atomic import write_bytes_atomic, write_json_atomic
 from .compare import (PEER_PAIRS, SEED_PAIRS, as_finite, causal_verdict, compare_results,
                       comparison_path, format_comparison, seed_comparisons)
+from .config import ARCHITECTURES, OPTIMIZATION_FLAGS, BenchmarkConfig
 from .flags import registry as flag_registry
 from .metrics.contention import contended_reason
 from .results import BenchmarkResults
@@ -50,8 +54,12 @@ __all__ = ["Claim", "audit_claims", "build_report", "report_main", "format_claim
 
 LONG_SEQUENCE_N = 2048
 BASELINE, CANDIDATE = "transformer_baseline", "resnet_bk_full"
-SHARED_SETUP = ("d_model", "n_layers", "n_seq", "batch_size", "variant", "split_scheme",
-                "tokenizer")
+# Fields of a run's config that are not its training recipe: its name and architecture, and
+# settings that cannot change its numbers (where the data and files live, durability,
+# logging). Flags and architecture-specific model fields are excluded by
+# :func:`recipe_differences` too; every other field must match for the claims to be tested.
+NOT_RECIPE = frozenset({"model_name", "architecture", "data_dir", "device", "checkpoint_every",
+                        "keep_checkpoints", "tensorboard", "allow_noncausal"})
 COMPONENT_ORDER = ("embedding", "mixer", "feed_forward", "lm_head", "loss", "other", "optimizer")
 COMPONENT_COLORS = {"embedding": "#8c6d31", "mixer": "#1f77b4", "feed_forward": "#2ca02c",
                     "lm_head": "#d62728", "loss": "#9467bd", "other": "#7f7f7f",
@@ -118,6 +126,24 @@ def _same_device(a: BenchmarkResults, b: BenchmarkResults) -> tuple[bool, str]:
         return False, "the runs ran on different hardware (" + ", ".join(
             f"{k}: {ea.get(k)} vs {eb.get(k)}" for k in diff) + ")"
     return True, ""
+
+
+def _architecture_fields() -> set[str]:
+    """Config fields that configure one architecture's model only (in the model kwargs of
+    one architecture and not of another); the optimisation flags are left to the caller."""
+    kwargs = [set(BenchmarkConfig(architecture=a).model_kwargs()) for a in ARCHITECTURES]
+    names = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    # the model's size and regularisation are part of every recipe, whichever models take them
+    shared = set.intersection(*kwargs) | {"d_model", "n_layers", "n_seq", "dropout",
+                                          "tie_weights"}
+    return {k for k in set.union(*kwargs) - shared if k in names}
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Config fields in which two runs' training recipes differ: every field except the
+    flags, the architecture-specific model fields and :data:`NOT_RECIPE`."""
+    skip = NOT_RECIPE | set(OPTIMIZATION_FLAGS) | _architecture_fields()
+    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
 
 
 def _claim(name, statement, condition, measured, verdict, reason, value=None) -> Claim:
@@ -217,10 +243,10 @@ def _audit_claims(results: dict[str, BenchmarkResults]) -> list[Claim]:
         missing = [n for n in (BASELINE, CANDIDATE) if n not in results]
         return [_claim(n, s, c, "n/a", "UNTESTABLE",
                        f"run(s) {', '.join(missing)} not in these results") for n, s, c in specs]
-    setup_diff = [k for k in SHARED_SETUP if tf.config.get(k) != bk.config.get(k)]
+    setup_diff = recipe_differences(tf.config, bk.config)
     if setup_diff:
-        reason = "the two runs do not share the training setup (" + ", ".join(
-            f"{k}: {tf.config.get(k)} vs {bk.config.get(k)}" for k in setup_diff) + ")"
+        reason = "the two runs do not share the training recipe (" + ", ".join(
+            f"{k}: {tf.config.get(k)!r} vs {bk.config.get(k)!r}" for k in setup_diff) + ")"
         return [_claim(n, s, c, "n/a", "UNTESTABLE", reason) for n, s, c in specs]
     proxy = "proxy" in (tf.config.get("split_scheme"), bk.config.get("split_scheme"))
     n_seq = int(tf.config.get("n_seq") or 0)
@@ -474,7 +500,8 @@ def plot_training_curves(results: dict[str, BenchmarkResults], path: Path) -> Pa
     else:
         ax_flops.text(0.5, 0.5, "FLOPs not measured", ha="center", va="center",
                       transform=ax_flops.transAxes)
-    ax_flops.set(title="Total training FLOPs (counted; steps x per-step)", ylabel="FLOPs")
+    ax_flops.set(title="Total training FLOPs (counted + formula; steps x per-step)",
+                 ylabel="FLOPs")
     ax_flops.grid(True, axis="y", alpha=0.3)
     return _finish_figure(fig, path, "WikiText-2 training curves",
                           "PROXY split scheme (not official WikiText-2 numbers)"
@@ -758,11 +785,13 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     # --- results
     doc.h(2, "Results" + (" (PROXY split scheme)" if proxy else ""))
     doc.p("Perplexities are held-out: validation = best epoch's (model selection), test = "
-          "from the best-validation weights, every target token scored once. FLOPs per step "
-          "are counted by torch's FlopCounterMode (matrix products and registered ops); "
-          "training FLOPs = steps x per-step.")
+          "from the best-validation weights, every target token scored once. FLOPs per step: "
+          "forward and backward are counted by torch's FlopCounterMode (matrix products) plus "
+          "the BK-Core's registered formula; the optimizer is a formula (the FLOPs section "
+          "splits every figure into counted and formula); training FLOPs = steps x per-step.")
     head = ["run", "params", "valid ppl", "test ppl", "test tokens", "causality",
-            "fwd FLOPs/step", "bwd FLOPs/step", "opt FLOPs/step", "training FLOPs",
+            "fwd FLOPs/step (counted+formula)", "bwd FLOPs/step (counted+formula)",
+            "opt FLOPs/step (formula)", "training FLOPs (counted+formula)",
             "train time (s)", "tokens/s", "peak mem (MiB)", "size (MiB)"]
     rows = []
     for n, r in results.items():
@@ -824,6 +853,18 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                          f"{100 * s / total_step:.1f}%"])
         doc.table(["component", "forward / step", "backward / step", "optimizer / step",
                    "share"], rows)
+        src = fl.get("sources") or {}
+        if src:
+            labels = [("forward / step", "forward"), ("backward / step", "backward"),
+                      ("optimizer / step", "optimizer"),
+                      ("not counted, estimate / step", "uncounted"),
+                      ("evaluation, whole run", "evaluation")]
+            doc.table(["figure", "counted", "formula"],
+                      [[label, _e((src[key] or {}).get("counted")),
+                        _e((src[key] or {}).get("formula"))]
+                       for label, key in labels if key in src])
+            if src.get("explanation"):
+                doc.p(src["explanation"] + ".")
         an = fl.get("analytic")
         if an:
             doc.p(f"Analytic cross-check ({an.get('architecture')}): forward "
@@ -842,9 +883,17 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
                 doc.table(["uncounted kind", "FLOPs / step (estimate)"],
                           [[k, _e(v)] for k, v in cats.items()])
         if fl.get("optimizer_explanation"):
-            doc.p(f"Optimizer: {fl.get('optimizer_name')}, "
-                  f"{fl.get('optimizer_flops_per_parameter')} FLOPs per parameter per step over "
-                  f"{fl.get('num_parameters', 0):,} parameters. {fl['optimizer_explanation']}.")
+            decayed = fl.get("decayed_parameters")
+            if decayed is None:    # results from before the split by weight decay
+                per = (f"{fl.get('optimizer_flops_per_parameter')} FLOPs per parameter per step "
+                       f"over {fl.get('num_parameters', 0):,} parameters")
+            else:
+                per = (f"{fl.get('optimizer_flops_per_parameter')} FLOPs per step for each of "
+                       f"{decayed:,} parameters with weight decay, "
+                       f"{fl.get('optimizer_flops_per_parameter_without_decay')} for each of "
+                       f"{fl.get('num_parameters', 0) - decayed:,} without")
+            doc.p(f"Optimizer (formula): {fl.get('optimizer_name')}, {per}. "
+                  f"{fl['optimizer_explanation']}.")
         rng = fl.get("per_step_range")
         if rng:
             doc.p("Per-step variation: " + str(rng.get("explanation", "")))

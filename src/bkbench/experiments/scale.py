@@ -101,7 +101,7 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
     """Measure one point in this process (call it in a fresh child; see the module docstring)."""
     import torch
 
-    from ..benchmark import _release_freed_memory
+    from ..metrics.memory import release_freed_memory
     from ..metrics.flops import measure_step_flops
     from ..metrics.memory import PeakMemory
     from ..train import resolve_device
@@ -113,7 +113,7 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
     warm = _one_step_trainer(tiny, vocab_size, device)
     warm.train_step(*warm.batch(torch.arange(2), 0))
     del warm
-    _release_freed_memory()
+    release_freed_memory()
 
     with PeakMemory(device) as memory:
         trainer = _one_step_trainer(config, vocab_size, device)

@@ -17,7 +17,14 @@ train mode, dropout on, the model's auxiliary loss included) and counts
   torch's own attention formulas it charges the full T x T score matrix even for causal
   attention (the math kernel really computes it; a causal flash kernel skips about half).
 * the **optimizer** by formula, per parameter per step (:data:`OPTIMIZER_FLOPS_PER_PARAM`,
-  :data:`GRAD_CLIP_FLOPS_PER_PARAM`).
+  :data:`WEIGHT_DECAY_FLOPS_PER_PARAM` for the parameters of the run's param groups that
+  have weight decay, :data:`GRAD_CLIP_FLOPS_PER_PARAM`).
+
+Every figure says where it comes from (``FlopReport.sources``, ``flops["sources"]`` in the
+results): ``counted`` is what the counter derived from the ops that ran (matrix products from
+their shapes); ``formula`` is a hand-derived count charged per element or per position --
+bkbench's own registered ops (the BK-Core's per-position count on both gradient paths, the
+GLA score markers), the optimizer and the estimate of what the counter does not see.
 
 FLOPs are attributed to the model's components (``LanguageModel.COMPONENTS``: embedding,
 mixer, feed_forward, lm_head) with the counter's own formulas, op by op: in the forward by the
@@ -76,6 +83,7 @@ __all__ = [
     "analytic_flops_for",
     "flops_result_fields",
     "OPTIMIZER_FLOPS_PER_PARAM",
+    "WEIGHT_DECAY_FLOPS_PER_PARAM",
     "GRAD_CLIP_FLOPS_PER_PARAM",
     "UNCOUNTED_COST",
 ]
@@ -84,29 +92,37 @@ __all__ = [
 # Optimizer
 # --------------------------------------------------------------------------------------------
 
-#: FLOPs per parameter element per optimizer step. AdamW (torch's update, decoupled decay):
-#: decay ``p *= 1 - lr*wd`` 1; first moment ``m += (1-b1)(g - m)`` 3 (sub, mul, add);
-#: second moment ``v = b2*v + (1-b2)*g*g`` 4 (square, two scalings, add); denominator
+#: FLOPs per parameter element per optimizer step, without weight decay. AdamW (torch's
+#: update): first moment ``m += (1-b1)(g - m)`` 3 (sub, mul, add); second moment
+#: ``v = b2*v + (1-b2)*g*g`` 4 (square, two scalings, add); denominator
 #: ``sqrt(v)/sqrt(bc2) + eps`` 3 (sqrt, div, add); update ``p -= step * m / denom`` 3
-#: (div, mul, sub). Total 14. Bias corrections are per tensor scalars, not per element.
-#: Adam (L2 decay folded into g, 2 more when weight_decay > 0): 13. SGD: g*lr and p -= 2;
-#: with momentum ``buf = mu*buf + g`` 2 more.
-OPTIMIZER_FLOPS_PER_PARAM = {"adamw": 14, "adam": 13, "sgd": 2, "sgd_momentum": 4}
+#: (div, mul, sub). Total 13. Bias corrections are per tensor scalars, not per element.
+#: Adam: 13. SGD: g*lr and p -= 2; with momentum ``buf = mu*buf + g`` 2 more.
+OPTIMIZER_FLOPS_PER_PARAM = {"adamw": 13, "adam": 13, "sgd": 2, "sgd_momentum": 4}
+
+#: Extra FLOPs per element of a parameter whose group has weight_decay != 0 (torch skips the
+#: decay where it is 0): AdamW's decoupled ``p *= 1 - lr*wd`` 1; Adam's and SGD's L2 term
+#: ``g += wd*p`` 2.
+WEIGHT_DECAY_FLOPS_PER_PARAM = {"adamw": 1, "adam": 2, "sgd": 2, "sgd_momentum": 2}
 
 #: Global-norm gradient clipping (``clip_grad_norm_``): square and sum each gradient element
 #: (2) and scale it by the clip coefficient (1).
 GRAD_CLIP_FLOPS_PER_PARAM = 3
 
 _OPTIMIZER_WHY = (
-    "AdamW per parameter element per step: weight decay 1, first moment 3, second moment 4, "
-    "denominator sqrt/bias-correction/eps 3, update 3 = 14 (bias corrections are per-tensor "
-    "scalars); gradient clipping by global norm adds 3 (square, sum, scale)")
+    "AdamW per parameter element per step: first moment 3, second moment 4, denominator "
+    "sqrt/bias-correction/eps 3, update 3 = 13, plus 1 for the decoupled weight decay where "
+    "the parameter's group has weight_decay != 0 (bias corrections are per-tensor scalars); "
+    "gradient clipping by global norm adds 3 (square, sum, scale)")
 
 
-def optimizer_flops(num_params: int, optimizer: str = "adamw", grad_clip: bool = False) -> int:
-    """FLOPs of one optimizer step over ``num_params`` parameter elements.
+def optimizer_flops(num_params: int, optimizer: str = "adamw", grad_clip: bool = False, *,
+                    decayed: int | None = None) -> int:
+    """FLOPs of one optimizer step over ``num_params`` parameter elements, ``decayed`` of
+    which (default: all) are in param groups with weight decay.
 
-    Per element: ``OPTIMIZER_FLOPS_PER_PARAM[optimizer]`` (AdamW 14, see its docstring), plus
+    Per element: ``OPTIMIZER_FLOPS_PER_PARAM[optimizer]`` (AdamW 13, see its docstring), plus
+    ``WEIGHT_DECAY_FLOPS_PER_PARAM[optimizer]`` per decayed element, plus
     :data:`GRAD_CLIP_FLOPS_PER_PARAM` when ``grad_clip`` (clip_grad_norm_ runs every step).
     """
     key = optimizer.lower()
@@ -115,8 +131,11 @@ def optimizer_flops(num_params: int, optimizer: str = "adamw", grad_clip: bool =
                          f"{', '.join(OPTIMIZER_FLOPS_PER_PARAM)}")
     if num_params < 0:
         raise ValueError(f"num_params must be >= 0, got {num_params}")
+    decayed = num_params if decayed is None else decayed
+    if not 0 <= decayed <= num_params:
+        raise ValueError(f"decayed must be between 0 and num_params ({num_params}), got {decayed}")
     per = OPTIMIZER_FLOPS_PER_PARAM[key] + (GRAD_CLIP_FLOPS_PER_PARAM if grad_clip else 0)
-    return int(num_params) * per
+    return int(num_params) * per + int(decayed) * WEIGHT_DECAY_FLOPS_PER_PARAM[key]
 
 
 def _optimizer_name(optimizer: Any) -> str:
@@ -134,16 +153,18 @@ def _optimizer_name(optimizer: Any) -> str:
                      f"known: {', '.join(OPTIMIZER_FLOPS_PER_PARAM)}")
 
 
-def _optimized_params(model: nn.Module, optimizer: Any) -> list[torch.Tensor]:
+def _optimized_params(model: nn.Module, optimizer: Any) -> list[tuple[torch.Tensor, bool]]:
+    """(parameter, has weight decay) for each parameter the optimizer updates; without an
+    optimizer instance, every trainable parameter, decayed (torch's AdamW default)."""
     if optimizer is not None and not isinstance(optimizer, str):
         seen, out = set(), []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
-                    out.append(p)
+                    out.append((p, group.get("weight_decay", 0) != 0))
         return out
-    return [p for p in model.parameters() if p.requires_grad]
+    return [(p, True) for p in model.parameters() if p.requires_grad]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +297,13 @@ _NO_ARITHMETIC = {
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_foreach_zero_", "linspace",
     "_efficientzerotensor", "repeat_interleave", "histc", "searchsorted", "bucketize",
 }
+
+SOURCES_EXPLANATION = (
+    "counted: derived by torch's FlopCounterMode from the ops that ran (matrix products, from "
+    "their shapes); formula: a hand-derived count -- bkbench's own registered ops (the "
+    "BK-Core's per-position count, the same on both gradient paths; GLA's score markers), "
+    "the optimizer's per-parameter count (weight decay "
+    "charged only to the param groups that have it), and the estimate of the uncounted ops")
 
 _CATEGORY_OF = {name: cat for cat, table in UNCOUNTED_COST.items() for name in table}
 
@@ -495,6 +523,18 @@ def _by_op(counts: dict[str, dict[str, int]]) -> dict[str, int]:
     return dict(sorted(counts.get("Global", {}).items()))
 
 
+def _is_formula_op(op: str) -> bool:
+    # bkbench's own ops (the BK-Core and its FLOP marker) carry a hand-derived per-position
+    # count; every other op the counter knows is a product counted from its shapes
+    return op.startswith("bkbench.") or op.startswith("bkbench::")
+
+
+def _split_by_source(by_op: dict[str, int]) -> dict[str, int]:
+    """{"counted": .., "formula": ..} of a phase's per-op counts (see the module docstring)."""
+    formula = sum(n for op, n in by_op.items() if _is_formula_op(str(op)))
+    return {"counted": sum(by_op.values()) - formula, "formula": formula}
+
+
 # --------------------------------------------------------------------------------------------
 # Analytic formulas (matrix products only, 2 FLOPs per multiply-add)
 # --------------------------------------------------------------------------------------------
@@ -711,7 +751,8 @@ class FlopReport:
     ``forward``/``backward`` are FlopCounterMode totals; ``*_by_component`` split them over
     the model's components plus ``loss`` and ``other`` and add up to them exactly.
     ``uncounted`` is the formula estimate of what the counter cannot see (never included in
-    the totals); ``analytic`` the architecture's formula and its relative difference from the
+    the totals); ``sources`` splits forward, backward and optimizer into ``counted`` and
+    ``formula`` FLOPs (module docstring); ``analytic`` the architecture's formula and its relative difference from the
     count (None for a model without a formula).
     """
 
@@ -729,13 +770,17 @@ class FlopReport:
     backward_by_op: dict[str, int]
     num_parameters: int
     optimizer_name: str
-    optimizer_flops_per_parameter: int
+    optimizer_flops_per_parameter: int          # per element of a decayed parameter
     optimizer_explanation: str
     uncounted: dict[str, Any]
     analytic: dict[str, Any] | None
     varies_per_step: bool = False
     per_step_range: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    decayed_parameters: int | None = None       # elements in param groups with weight decay
+    optimizer_flops_per_parameter_without_decay: int | None = None
+    # where each figure comes from: {"forward": {"counted": .., "formula": ..}, ...}
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
     counter: str = "torch.utils.flop_counter.FlopCounterMode"
     torch_version: str = torch.__version__
 
@@ -887,17 +932,21 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
 
     opt_name = _optimizer_name(optimizer)
     params = _optimized_params(model, optimizer)
-    num_params = sum(p.numel() for p in params)
-    per_param = OPTIMIZER_FLOPS_PER_PARAM[opt_name] + (GRAD_CLIP_FLOPS_PER_PARAM if grad_clip else 0)
-    opt_total = optimizer_flops(num_params, opt_name, grad_clip=grad_clip)
+    num_params = sum(p.numel() for p, _ in params)
+    num_decayed = sum(p.numel() for p, decays in params if decays)
+    per_param_plain = OPTIMIZER_FLOPS_PER_PARAM[opt_name] + (
+        GRAD_CLIP_FLOPS_PER_PARAM if grad_clip else 0)
+    per_param = per_param_plain + WEIGHT_DECAY_FLOPS_PER_PARAM[opt_name]
+    opt_total = optimizer_flops(num_params, opt_name, grad_clip=grad_clip, decayed=num_decayed)
     opt_by_comp: dict[str, int] = defaultdict(int)
-    ids = {id(p) for p in params}
+    decays_of = {id(p): decays for p, decays in params}
     for name, p in model.named_parameters():
-        if id(p) in ids:
+        if id(p) in decays_of:
             comp = model.component_of(name) if hasattr(model, "component_of") else "other"
-            opt_by_comp[comp] += p.numel() * per_param
+            opt_by_comp[comp] += p.numel() * (per_param if decays_of[id(p)] else per_param_plain)
     explanation = _OPTIMIZER_WHY if opt_name == "adamw" else (
-        f"{opt_name}: {OPTIMIZER_FLOPS_PER_PARAM[opt_name]} per parameter element per step"
+        f"{opt_name}: {OPTIMIZER_FLOPS_PER_PARAM[opt_name]} per parameter element per step, "
+        f"{WEIGHT_DECAY_FLOPS_PER_PARAM[opt_name]} more where weight decay is on"
         + (f", plus {GRAD_CLIP_FLOPS_PER_PARAM} for gradient clipping" if grad_clip else ""))
 
     unc_f = {k: int(v) for k, v in sorted(census.flops["forward"].items())}
@@ -928,15 +977,21 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
     elif varies:
         notes.append("this model's compute varies per step (data-dependent routing or halting); "
                      "the per-step figure is one sample")
+    forward_by_op, backward_by_op = _by_op(forward_counts), _by_op(backward_counts)
+    sources = {"forward": _split_by_source(forward_by_op),
+               "backward": _split_by_source(backward_by_op),
+               "optimizer": {"counted": 0, "formula": opt_total}}
     return FlopReport(
         batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
         forward=forward, backward=backward, optimizer=opt_total,
         total=forward + backward + opt_total,
         forward_by_component=fwd_comp, backward_by_component=bwd_comp,
         optimizer_by_component=dict(opt_by_comp),
-        forward_by_op=_by_op(forward_counts), backward_by_op=_by_op(backward_counts),
+        forward_by_op=forward_by_op, backward_by_op=backward_by_op,
         num_parameters=num_params, optimizer_name=opt_name,
         optimizer_flops_per_parameter=per_param, optimizer_explanation=explanation,
+        decayed_parameters=num_decayed,
+        optimizer_flops_per_parameter_without_decay=per_param_plain, sources=sources,
         uncounted=uncounted, analytic=analytic, varies_per_step=varies,
         per_step_range=variation, notes=notes)
 
@@ -945,7 +1000,8 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
                           device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
     """Counted FLOPs of one evaluation forward (eval mode, no gradient) with the loss.
 
-    Returns ``{"forward", "per_token", "by_component"}``; multiply ``per_token`` by an eval
+    Returns ``{"forward", "per_token", "by_component", "tokens", "sources"}`` (sources: the
+    counted/formula split of ``forward``); multiply ``per_token`` by an eval
     split's token count for its evaluation FLOPs.
     """
     device = torch.device(device)
@@ -974,7 +1030,8 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
     total = sum(counts.get("Global", {}).values())
     by_comp, _ = _attribute(census, "forward", total, _components(model))
     return {"forward": total, "per_token": total / (batch_size * seq_len),
-            "by_component": by_comp}
+            "by_component": by_comp, "tokens": batch_size * seq_len,
+            "sources": _split_by_source(_by_op(counts))}
 
 
 def flops_result_fields(report: FlopReport, steps: int, *,
@@ -991,10 +1048,17 @@ def flops_result_fields(report: FlopReport, steps: int, *,
     detail["per_step"] = {"forward": report.forward, "backward": report.backward,
                           "optimizer": report.optimizer, "total": report.total}
     detail["training"] = report.training_totals(steps)
+    detail["sources"] = {**report.sources,
+                         "uncounted": {"counted": 0, "formula": int(report.uncounted.get("total", 0))},
+                         "explanation": SOURCES_EXPLANATION}
     if eval_forward is not None and eval_tokens is not None:
         detail["evaluation"] = {"tokens": int(eval_tokens),
                                 "per_token": eval_forward["per_token"],
                                 "total": int(round(eval_forward["per_token"] * eval_tokens))}
+        if "sources" in eval_forward:
+            scale = eval_tokens / eval_forward["tokens"]
+            detail["sources"]["evaluation"] = {k: int(round(v * scale))
+                                               for k, v in eval_forward["sources"].items()}
     return {"forward_flops": report.forward, "backward_flops": report.backward,
             "optimizer_flops": report.optimizer, "total_flops": steps * report.total,
             "flops": detail}

@@ -18,6 +18,9 @@ built. Where the peak cannot be reset, the figure is the peak since the process 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "PeakMemory"]
+__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "release_freed_memory", "PeakMemory"]
 
 _STATUS = Path("/proc/self/status")
 
@@ -83,17 +86,30 @@ def reset_peak_rss() -> bool:
     return _status_kib("VmHWM") is not None
 
 
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS so that a peak-RSS baseline means what it says."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class PeakMemory:
     """Context manager measuring peak memory on ``device`` over its body.
 
-    After exit: ``peak_bytes``, ``baseline_bytes`` (at entry), ``increase_bytes`` (peak above
+    After exit: ``peak_bytes``, ``baseline_bytes`` (at entry, unless given: a window that
+    continues an earlier one keeps that one's baseline), ``increase_bytes`` (peak above
     baseline) and ``method`` (what the numbers include). ``to_dict()`` gives them all.
     """
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", baseline_bytes: int | None = None):
         self.device = torch.device(device)
         self.peak_bytes: int | None = None
-        self.baseline_bytes: int | None = None
+        self.baseline_bytes: int | None = baseline_bytes
+        self._fixed_baseline = baseline_bytes is not None
         self.increase_bytes: int | None = None
         self.method: str = ""
         self.reset_supported: bool | None = None
@@ -102,7 +118,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            if not self._fixed_baseline:
+                self.baseline_bytes = torch.cuda.memory_allocated(self.device)
             self.reset_supported = True
             self.method = ("cuda max_memory_allocated: live PyTorch tensors on the device "
                            "(parameters, gradients, optimizer state, activations, workspaces); "
@@ -110,7 +127,8 @@ class PeakMemory:
                            "the start")
         else:
             self.reset_supported = reset_peak_rss()
-            self.baseline_bytes = rss_bytes()
+            if not self._fixed_baseline:
+                self.baseline_bytes = rss_bytes()
             if self.reset_supported:
                 self.method = ("cpu peak RSS (VmHWM, reset via /proc/self/clear_refs) above the "
                                "RSS at the start: all memory the process touched -- tensors, "
@@ -119,6 +137,8 @@ class PeakMemory:
                 self.method = ("cpu peak RSS since the process started (the peak could not be "
                                "reset on this system) above the RSS at the start: includes "
                                "anything that ran earlier in this process")
+        if self._fixed_baseline:
+            self.method += "; the baseline was taken by the caller before this window began"
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -4,8 +4,9 @@ Token + position embeddings -> n_layers pre-LayerNorm residual blocks x + Layer(
 LayerNorm -> LM head. Each block's layer (docs/models.md):
 
 1. ``f = MoE(h)``: num_experts GELU experts d -> 2d -> d; each token goes to the top_k experts
-   of a linear gate, weighted by a softmax over the chosen k gate logits. Routing has no noise,
-   so it is a deterministic function of the token's own hidden state in both modes.
+   of a linear gate, each weighted by its probability under the softmax over all gate logits
+   (Switch Transformer), renormalized over the chosen k when k > 1. Routing has no noise, so
+   it is a deterministic function of the token's own hidden state in both modes.
 2. per BK head k (K = bk_heads): a potential ``v_k = v_max * tanh(proj(f)_k / v_max)``, the
    chain of the sequence's positions;
 3. the BK-Core ``g = resolvent_diag(v, h0, t_k, energy=E_k, eps=eps_k)`` (causal by default:
@@ -19,8 +20,8 @@ future, is not a valid language model, and exists to be studied (the causality a
 Two details keep the causal model causal *bit for bit* (``bkbench.audit``), not just in exact
 arithmetic:
 
-* each expert runs on the tokens routed to it only (gather, expert, scatter-add), so the row
-  count of its matmuls depends on the routing of every token in the batch, later ones
+* each expert runs on the tokens routed to it only (one contiguous slice of the tokens sorted
+  by expert, see MoEFeedForward), so the row count of its matmuls depends on the routing of every token in the batch, later ones
   included. CPU GEMMs pick their kernel by shape, and for small row counts (measured: fewer
   than 12 rows, not a multiple of 4) a row's result then changes in the last bits with the
   row count. Each expert's batch is therefore padded with zero rows to a multiple of
@@ -123,8 +124,61 @@ class Expert(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs (N, E), chosen experts (N, k), their weights (N, k)) for gate logits (N, E).
+
+    Each token's experts are its top_k gate logits, listed in ascending expert index (the
+    order in which their outputs are summed). A chosen expert's weight is its probability
+    under the softmax over *all* experts (Switch Transformer), renormalized over the chosen k
+    when k > 1 -- for k > 1 the same numbers as a softmax over the chosen k logits, but at
+    k = 1 that softmax is identically 1 and leaves the gate no gradient from the task loss.
+    """
+    probs = F.softmax(logits, dim=-1)
+    chosen = logits.topk(top_k, dim=-1).indices.sort(dim=-1).values
+    # a one-hot product, not a gather: its backward is a product too, never a scatter
+    experts = torch.arange(logits.shape[-1], device=logits.device)
+    mask = (chosen.unsqueeze(-1) == experts).to(probs.dtype)             # (N, k, E)
+    weights = (mask * probs.unsqueeze(1)).sum(dim=-1)                   # (N, k)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, chosen, weights
+
+
+def _take_rows(src: torch.Tensor, index: torch.Tensor, zero_row: bool) -> torch.Tensor:
+    """src[index]; with ``zero_row`` the index value len(src) selects a row of zeros."""
+    if zero_row:
+        src = torch.cat([src, src.new_zeros(1, src.shape[1])])
+    return src.index_select(0, index)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = src[index] for an index that maps each output row to one source row or to a row
+    of zeros (the value len(src)), every source row being used at most once. Its backward is
+    the opposite gather, grad_src = grad_out[inverse], so neither direction scatters."""
+
+    @staticmethod
+    def forward(ctx, src, index, inverse, forward_pads, backward_pads):
+        ctx.save_for_backward(inverse)
+        ctx.backward_pads = backward_pads
+        return _take_rows(src, index, forward_pads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _take_rows(grad.contiguous(), inverse, ctx.backward_pads), None, None, None, None
+
+
 class MoEFeedForward(nn.Module):
-    """Top-k mixture of experts; each expert computes only the tokens routed to it."""
+    """Top-k mixture of experts; each expert computes only the tokens routed to it.
+
+    Dispatch: the N*k routed (token, slot) pairs are sorted by expert once; each expert's
+    pairs form one contiguous slice, padded with zero rows to a multiple of
+    EXPERT_ROW_MULTIPLE (module docstring), within one (rows, d) buffer; every expert runs on
+    its slice, also an empty one (so that all expert parameters are in every step's graph, as
+    DDP requires); the outputs return to token order by a gather with the inverse permutation.
+    Both moves are one gather each way (:class:`_PermuteRows`); :func:`naive_moe` is the
+    per-expert loop it replaces, kept as the tests' reference.
+    """
 
     def __init__(self, cfg: ResNetBKConfig):
         super().__init__()
@@ -138,39 +192,90 @@ class MoEFeedForward(nn.Module):
         self.last_indices: torch.Tensor | None = None     # (tokens, top_k) chosen experts
         self.last_aux_loss: torch.Tensor | None = None
 
+    def dispatch_plan(self, chosen: torch.Tensor):
+        """Index maps between pair order (pair p = token * k + slot) and the padded
+        expert-sorted buffer: (counts (E,), padded rows per expert (list), to_buffer
+        (rows,) pair of each buffer row or P for padding, to_pairs (P,) buffer row of each
+        pair)."""
+        E = len(self.experts)
+        pair_expert = chosen.reshape(-1)
+        P = pair_expert.numel()
+        order = torch.argsort(pair_expert, stable=True)        # tokens ascending per expert
+        counts = torch.bincount(pair_expert, minlength=E)
+        padded = counts + (-counts) % EXPERT_ROW_MULTIPLE
+        start = torch.cumsum(counts, 0) - counts
+        start_padded = torch.cumsum(padded, 0) - padded
+        padded_list = padded.tolist()
+        rows = sum(padded_list)
+        experts = torch.arange(E, device=chosen.device)
+        row_expert = torch.repeat_interleave(experts, padded, output_size=rows)
+        offset = torch.arange(rows, device=chosen.device) - start_padded[row_expert]
+        real = offset < counts[row_expert]
+        sorted_slot = torch.where(real, start[row_expert] + offset, P)
+        to_buffer = torch.cat([order, order.new_full((1,), P)])[sorted_slot]
+        sorted_expert = pair_expert[order]
+        row_of_sorted = (torch.arange(P, device=chosen.device) - start[sorted_expert]
+                         + start_padded[sorted_expert])
+        to_pairs = row_of_sorted[torch.argsort(order)]
+        return counts, padded_list, to_buffer, to_pairs
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])                       # (N, d)
+        N, d, k = x.shape[0], x.shape[1], self.top_k
         logits = self.gate(x)                              # (N, E)
-        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        weights = F.softmax(top_logits, dim=-1)            # (N, k), sums to 1 per token
+        probs, chosen, weights = route(logits, k)
+        counts, padded, to_buffer, to_pairs = self.dispatch_plan(chosen)
 
-        out = torch.zeros_like(x)
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
-        for e, expert in enumerate(self.experts):
-            token, slot = (top_idx == e).nonzero(as_tuple=True)   # tokens in ascending order
-            n = token.numel()
-            counts[e] = n
-            if n == 0:
-                continue
-            xe = x.index_select(0, token)
-            pad = -n % EXPERT_ROW_MULTIPLE
-            if pad:
-                xe = F.pad(xe, (0, 0, 0, pad))
-            ye = expert(xe)[:n] * weights[token, slot].unsqueeze(-1)
-            # a token receives its experts in index order; under autocast ye may be half precision
-            out.index_add_(0, token, ye.to(out.dtype))
+        pairs = x if k == 1 else x.unsqueeze(1).expand(N, k, d).reshape(N * k, d)
+        buffer = _PermuteRows.apply(pairs, to_buffer, to_pairs, True, False)
+        outputs = [expert(part) for expert, part in zip(self.experts, buffer.split(padded))]
+        # under autocast the experts may return half precision
+        y = _PermuteRows.apply(torch.cat(outputs).to(x.dtype), to_pairs, to_buffer, False, True)
+        y = y.reshape(N, k, d)
+        out = y[:, 0] * weights[:, :1]
+        for s in range(1, k):                              # ascending expert index, as a loop
+            out = out + y[:, s] * weights[:, s:s + 1]
 
         self.last_counts = counts.detach()
-        self.last_indices = top_idx.detach()
-        if self.training and self.balance_weight > 0:
-            # Switch Transformer: E * sum_e (fraction of routed slots to e) * (mean gate prob of e)
-            fraction = counts.to(x.dtype) / (x.shape[0] * self.top_k)
-            mean_prob = F.softmax(logits, dim=-1).mean(dim=0)
-            self.last_aux_loss = self.balance_weight * self.num_experts * (fraction * mean_prob).sum()
-        else:
-            self.last_aux_loss = None
+        self.last_indices = chosen.detach()
+        self.last_aux_loss = self._balance_loss(counts, probs, N)
         return out.reshape(shape)
+
+    def _balance_loss(self, counts: torch.Tensor, probs: torch.Tensor, N: int):
+        if not (self.training and self.balance_weight > 0):
+            return None
+        # Switch Transformer: E * sum_e (fraction of routed slots to e) * (mean gate prob of e)
+        fraction = counts.to(probs.dtype) / (N * self.top_k)
+        return self.balance_weight * counts.numel() * (fraction * probs.mean(dim=0)).sum()
+
+
+def naive_moe(moe: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
+    """Reference for :meth:`MoEFeedForward.forward` (tests only): the same routing, then a
+    loop over experts with a gather, the padded expert and an ``index_add_`` each. Idle
+    experts are skipped. Sets the same ``last_*`` state."""
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])
+    logits = moe.gate(x)
+    probs, chosen, weights = route(logits, moe.top_k)
+    out = torch.zeros_like(x)
+    counts = torch.zeros(len(moe.experts), dtype=torch.long, device=x.device)
+    for e, expert in enumerate(moe.experts):
+        token, slot = (chosen == e).nonzero(as_tuple=True)   # tokens in ascending order
+        n = token.numel()
+        counts[e] = n
+        if n == 0:
+            continue
+        xe = x.index_select(0, token)
+        pad = -n % EXPERT_ROW_MULTIPLE
+        if pad:
+            xe = F.pad(xe, (0, 0, 0, pad))
+        ye = expert(xe)[:n] * weights[token, slot].unsqueeze(-1)
+        out.index_add_(0, token, ye.to(out.dtype))
+    moe.last_counts = counts
+    moe.last_indices = chosen.detach()
+    moe.last_aux_loss = moe._balance_loss(counts, probs, x.shape[0])
+    return out.reshape(shape)
 
 
 class BKMixer(nn.Module):

@@ -21,7 +21,8 @@ Since ``Im(denominator) <= -eps`` at every step, ``|g| <= 1/eps`` always: nothin
 Gradients reach ``v``, ``t``, ``energy``, ``eps`` and a tensor ``h0``. With
 ``analytic_gradient=True`` the backward is the exact adjoint sweep (O(N), docs/bk-core.md);
 with ``analytic_gradient=False`` it is plain autograd through a vectorised torch recurrence
-(the benchmark's baseline; slow, but the same function).
+(the benchmark's baseline; slow, but the same function). Without a gradient to record both
+run the same compiled forward.
 
 Layers of this package (flash-linear-attention style):
 
@@ -296,7 +297,10 @@ def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=No
             False for the bidirectional diag((H - z)^-1) over the whole chain.
         analytic_gradient: True: backward by the exact O(N) adjoint sweep of the chosen
             backend. False: autograd through a vectorised torch recurrence (slow baseline;
-            ``backend`` is then ignored).
+            ``backend`` is then ignored) whenever a gradient is to be recorded; where none is
+            (under ``torch.no_grad()``, or no input requires grad) the forward is the
+            chosen backend's, as with True: the flag changes the backward and the forward
+            that must record it, nothing else.
         backend: "auto" (CPU -> "cpu", CUDA -> "triton" when available, else "torch"),
             "reference" (Python loop, oracle only), "torch" (vectorised torch sweeps, any
             device), "cpu" (numba), "triton" (CUDA; CPU tensors run under Triton's
@@ -358,7 +362,11 @@ def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=No
     tau = t_r * t_r
     v_rows = v.reshape(rows, n)
 
-    if not analytic_gradient:
+    # The autograd recurrence exists to record the forward for autograd; where no gradient
+    # will be taken (no_grad, evaluation, constant inputs) both settings run the compiled forward.
+    needs_graph = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (v_rows, shift, eps_r, tau))
+    if not analytic_gradient and needs_graph:
         g = _naive.autograd_recurrence(v_rows, shift, eps_r, tau, causal)
         g = _flop_marker(g, causal, False)
         return g.reshape(v.shape)
