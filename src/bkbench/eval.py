@@ -68,7 +68,9 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     """``model.lm_head`` if the model's logits are ``lm_head(features(idx))`` (it keeps
     :class:`LanguageModel`'s forward), so that a loss may fuse the head; else None."""
     head = getattr(model, "lm_head", None)
+    # a head whose weight a forward pre-hook recomputes (pruning's mask) must run its forward
     if (isinstance(model, LanguageModel) and isinstance(head, nn.Linear)
+            and not head._forward_pre_hooks
             and getattr(model.forward, "__func__", None) is LanguageModel.forward):
         return head
     return None
