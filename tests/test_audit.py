@@ -75,12 +75,17 @@ def test_transformer_passes_bit_for_bit_in_eval_and_train():
 
 
 def test_train_mode_audit_really_runs_dropout():
-    # without reseeding, two train-mode forwards differ: the audit's train mode is not vacuous
+    # train-mode forwards drop (they differ from eval mode, and from another step's masks):
+    # the audit's train mode is not vacuous
+    from bkbench.models.dropout import dropout_key
     model = tiny_transformer().train()
     idx = torch.randint(0, V, (2, 24))
     with torch.no_grad():
-        assert not torch.equal(model(idx), model(idx))
-    assert audit_causality(model, V, modes=("train",)).causal
+        train_out = model(idx)
+        with dropout_key(0, 1, None):
+            assert not torch.equal(train_out, model(idx))
+        assert not torch.equal(train_out, model.eval()(idx))
+    assert audit_causality(model.train(), V, modes=("train",)).causal
 
 
 def test_future_embedding_leak_is_caught_even_when_tiny():

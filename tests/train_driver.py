@@ -9,6 +9,7 @@ the line also lists, per rank, the training steps in which some expert received 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--model", choices=["transformer", "resnet_bk"], default="transformer")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--signal-in-test-eval", type=int, default=None,
+                        help="send this signal to itself when the test evaluation starts")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -63,6 +66,14 @@ def main() -> int:
     trainer = Trainer(config, model, corpus, torch.device("cpu"), run_dir=args.run_dir,
                       resume=args.resume, data_fingerprint={"corpus": "synthetic"},
                       progress=False)
+    if args.signal_in_test_eval is not None:
+        validate = trainer._validate
+
+        def signalled(split):
+            if split is corpus.test:
+                os.kill(os.getpid(), args.signal_in_test_eval)
+            return validate(split)
+        trainer._validate = signalled
     try:
         out = trainer.fit()
     except TrainingInterrupted as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -88,6 +89,8 @@ class WikiText2Benchmark:
         # seconds between progress lines when stderr is not a terminal (a tqdm bar when it is)
         self.progress_interval = progress_interval
         self._data_cache: dict[tuple, Any] = {}
+        # descriptors the isolated workers inherit (the run folder's lock, see bkbench.runlock)
+        self.worker_fds: tuple[int, ...] = ()
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -134,8 +137,9 @@ class WikiText2Benchmark:
         if resume and results_path.exists():
             try:
                 done = BenchmarkResults.load(results_path)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable results file %s: %s", results_path, exc)
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("ignoring malformed results file %s (%s); training the run again",
+                            results_path, exc)
             else:
                 if not runs.config_changes(done.config, config.to_dict()):
                     log.info("%s: complete results found at %s, skipping", config.model_name,
@@ -165,8 +169,6 @@ class WikiText2Benchmark:
                     f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
                     "not be trained as one. Pass --allow-noncausal to train it anyway (its "
                     "perplexities are then marked invalid).")
-            if dist.is_initialized():  # distinct dropout masks per rank, same weights
-                torch.manual_seed(config.seed + dist.get_rank())
             fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
                            "tokenizer": config.tokenizer, "checksums": data.checksums}
             trainer = Trainer(config, model, data, device,
@@ -246,8 +248,10 @@ class WikiText2Benchmark:
         payload = json.dumps({"config": config.to_dict(), "output_dir": str(self.output_dir),
                               "resume": resume, "overwrite": overwrite,
                               "progress": self.progress,
-                              "progress_interval": self.progress_interval})
-        child = subprocess.Popen([sys.executable, "-m", "bkbench.worker", payload])
+                              "progress_interval": self.progress_interval,
+                              "parent_pid": os.getpid()})
+        child = subprocess.Popen([sys.executable, "-m", "bkbench.worker", payload],
+                                 pass_fds=self.worker_fds)
         # Ctrl-C reaches the child directly (same process group); forward SIGTERM so that the
         # child checkpoints, and wait for it either way
         forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
@@ -257,6 +261,8 @@ class WikiText2Benchmark:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if code < 0:  # killed by a signal it did not handle: report it as a shell would
+            code = 128 - code
         if code != 0:
             raise RunFailedError(config.model_name, code)
         return BenchmarkResults.load(self.results_path(config.model_name))

@@ -22,6 +22,7 @@ from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, c
                      load_yaml)
 from .flags import registry as flag_registry
 from .runs import check_can_write, renames_run
+from .validation import check_device, check_output_dir, nonempty_path
 
 # torch and everything that imports it are imported by the commands that need them
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="official train/valid/test, or proxy for machines without the train "
                           "split (train=valid, valid/test=halves of test); written into results")
     run.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--output-dir", type=Path,
+    run.add_argument("--output-dir", type=nonempty_path,
                      help=f"where results are written (default: {DEFAULT_OUTPUT_ROOT}/PRESET, "
                           "one folder per preset)")
     run.add_argument("--resume", action="store_true",
@@ -279,7 +280,12 @@ def _configs_from_args(args: argparse.Namespace,
     for name in _DEDICATED:  # dedicated options default to None: unset means "not overridden"
         if overrides.get(name) is None:
             overrides.pop(name, None)
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    models = None
+    if args.models is not None:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise ConfigError(f"--models {args.models!r} names no run; give comma-separated run "
+                              "names or leave --models out for all")
     seeds = getattr(args, "seeds", None) or file_values.pop("seeds", None)
     configs = build_run_configs(args.preset, file_values, overrides, models,
                                 run_suffix=getattr(args, "run_suffix", None))
@@ -305,34 +311,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .benchmark import RunFailedError, WikiText2Benchmark
     from .report import report_main
+    from .runlock import RunLock
     from .summary import print_summary
-    from .train import TrainingDivergedError, TrainingInterrupted, init_distributed, steps_per_epoch
+    from .train import (TrainingDivergedError, TrainingInterrupted, init_distributed,
+                        resolve_device, steps_per_epoch)
+    from .validation import check_model_size
 
+    for device in {c.device for c in configs}:
+        check_device(device)
     distributed = init_distributed(configs[0].device)
     is_main = not distributed or dist.get_rank() == 0
-    bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
-                               progress_interval=args.progress_interval)
-    # load the data and size the training before any work, so that bad input stops everything
-    for config in configs:
-        steps_per_epoch(config, bench.load_data(config).train.numel())
+    lock = None
+    if is_main:  # one run per folder (bkbench.runlock); the isolated workers inherit the lock
+        check_output_dir(output_dir)
+        if output_dir.is_dir():
+            lock = RunLock(output_dir).acquire()
     try:
-        # one child process per run isolates its peak memory; under torchrun, run in place
-        results = bench.run_all(configs, resume=args.resume, overwrite=args.overwrite,
-                                isolate=not distributed)
-    except RunFailedError as exc:
-        return exc.exit_code
-    except (TrainingInterrupted, TrainingDivergedError) as exc:
-        return failure_exit_code(exc)
+        bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
+                                   progress_interval=args.progress_interval)
+        # load the data and size the training and the model before any work, so that bad
+        # input stops everything
+        for config in configs:
+            data = bench.load_data(config)
+            steps_per_epoch(config, data.train.numel())
+            check_model_size(config, len(data.vocab), resolve_device(config.device))
+        if is_main and lock is None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(output_dir).acquire()
+        bench.worker_fds = (lock.fd,) if lock is not None else ()
+        try:
+            # one child process per run isolates its peak memory; under torchrun, run in place
+            results = bench.run_all(configs, resume=args.resume, overwrite=args.overwrite,
+                                    isolate=not distributed)
+        except RunFailedError as exc:
+            return exc.exit_code
+        except (TrainingInterrupted, TrainingDivergedError) as exc:
+            return failure_exit_code(exc)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+        if is_main:
+            print_summary(results)
+            # comparisons, plots and report over every complete run in the folder, so that
+            # rerunning a subset of the runs refreshes everything derived from it
+            print()
+            return report_main(str(output_dir))
+        return 0
     finally:
-        if distributed:
-            dist.destroy_process_group()
-    if is_main:
-        print_summary(results)
-        # comparisons, plots and report over every complete run in the folder, so that
-        # rerunning a subset of the runs refreshes everything derived from it
-        print()
-        return report_main(str(output_dir))
-    return 0
+        if lock is not None:
+            lock.release()
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -342,6 +369,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .flags import build_model
     from .train import seed_everything
 
+    if args.vocab_size < 2 or args.sequences < 1:
+        raise ConfigError(f"audit needs --vocab-size >= 2 and --sequences >= 1, got "
+                          f"{args.vocab_size} and {args.sequences}")
     configs = _configs_from_args(args)
     all_causal = True
     for config in configs:
@@ -417,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": _cmd_report}
     try:
         return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints): no traceback
+        print("bkbench: interrupted", file=sys.stderr)
+        return 128 + 2
     except Exception as exc:  # the expected failures: a one-line message and their exit code
         code = failure_exit_code(exc)
         if code is None:

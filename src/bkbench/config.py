@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from .validation import check_config, check_run_name, load_config_file, short
 
 from .flags import registry as flag_registry
 
@@ -202,32 +202,33 @@ class BenchmarkConfig:
 
     def validate(self) -> "BenchmarkConfig":
         """Raise :class:`ConfigError` for any value that cannot work; return self."""
+        check_run_name(self.model_name)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(
-                f"architecture {self.architecture!r} (from model_name {self.model_name!r}) is not "
+                f"architecture {short(self.architecture)} (from model_name {short(self.model_name)}) is not "
                 f"one of {', '.join(ARCHITECTURES)}; set architecture= or name the run "
                 f"transformer_* or resnet_bk_*")
         if not self.model_name or any(c in self.model_name for c in "/\\ "):
-            raise ConfigError(f"model_name {self.model_name!r} must be a non-empty name without "
+            raise ConfigError(f"model_name {short(self.model_name)} must be a non-empty name without "
                               "spaces or slashes (it names the results file)")
         positive = ["d_model", "n_layers", "n_seq", "n_heads", "batch_size", "eval_batch_size",
                     "num_experts", "top_k", "bk_heads", "keep_checkpoints"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {short(value)}")
         for name in ("epochs", "warmup_steps", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+                raise ConfigError(f"{name} must be a non-negative integer, got {short(value)}")
         for name in ("max_steps", "max_tokens", "eval_stride"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer or null, got {short(value)}")
         for name in ("budget_flops", "budget_seconds"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive finite number or null, got {value!r}")
+                raise ConfigError(f"{name} must be a positive finite number or null, got {short(value)}")
         if self.epochs == 0 and self.max_steps is None and self.max_tokens is None:
             raise ConfigError("no training budget: set epochs >= 1, max_steps or max_tokens")
         if self.eval_stride is not None and self.eval_stride > self.n_seq:
@@ -239,14 +240,14 @@ class BenchmarkConfig:
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.bk_mode not in ("causal", "bidirectional"):
-            raise ConfigError(f"bk_mode must be 'causal' or 'bidirectional', got {self.bk_mode!r}")
+            raise ConfigError(f"bk_mode must be 'causal' or 'bidirectional', got {short(self.bk_mode)}")
         if not self.bk_eps > 0:
             raise ConfigError(f"bk_eps must be > 0 (the resolvent is bounded by 1/eps), got {self.bk_eps}")
         if not self.v_max > 0:
             raise ConfigError(f"v_max must be > 0, got {self.v_max}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be > 0, got {short(getattr(self, name))}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0 or self.moe_balance_weight < 0:
@@ -254,20 +255,21 @@ class BenchmarkConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.variant not in ("tokens", "raw"):
-            raise ConfigError(f"variant must be 'tokens' or 'raw', got {self.variant!r}")
+            raise ConfigError(f"variant must be 'tokens' or 'raw', got {short(self.variant)}")
         if self.split_scheme not in ("official", "proxy"):
-            raise ConfigError(f"split_scheme must be 'official' or 'proxy', got {self.split_scheme!r}")
+            raise ConfigError(f"split_scheme must be 'official' or 'proxy', got {short(self.split_scheme)}")
         if self.tokenizer not in ("word", "byte"):
-            raise ConfigError(f"tokenizer must be 'word' or 'byte', got {self.tokenizer!r}")
+            raise ConfigError(f"tokenizer must be 'word' or 'byte', got {short(self.tokenizer)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {short(self.device)}")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise ConfigError(f"data_dir {self.data_dir!r} does not exist or is not a directory; "
+            raise ConfigError(f"data_dir {short(self.data_dir)} does not exist or is not a directory; "
                               "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
         try:
             flag_registry.check_flags(self)
         except flag_registry.FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
+        check_config(self)
         return self
 
 
@@ -306,11 +308,11 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name} cannot be null")
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {short(value)}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {short(value)}")
         return value
     if kind is float:
         try:
@@ -318,12 +320,12 @@ def _coerce(name: str, value: Any) -> Any:
         except (TypeError, ValueError):
             _bad_float(name, value)
     if kind is str and not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
+        raise ConfigError(f"{name} must be a string, got {short(value)}")
     return value
 
 
 def _bad_float(name: str, value: Any):
-    raise ConfigError(f"{name} must be a number, got {value!r}")
+    raise ConfigError(f"{name} must be a number, got {short(value)}")
 
 
 def _unknown_fields_message(unknown: list[str]) -> str:
@@ -367,18 +369,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config: a mapping of config fields, optionally with a ``runs`` mapping.
 
-    ``runs`` maps run names to per-run overrides (like :data:`DEFAULT_RUNS`).
+    ``runs`` maps run names to per-run overrides (like :data:`DEFAULT_RUNS`). The file's size,
+    encoding, aliases and nesting are checked first (:func:`bkbench.validation.load_config_file`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config fields")
-    return data
+    return load_config_file(path)
 
 
 def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | None = None,

@@ -244,11 +244,30 @@ def _verify_bytes(data: bytes, name: str, where: str, remedy: str) -> tuple[str,
     return digest, lines
 
 
+# no WikiText-2 file is near this (the train files are about 11 MB); checked before reading, so
+# that a wrong or hostile file fails with a message instead of exhausting memory
+MAX_FILE_BYTES = 64 << 20
+
+
+def _read_sized(path: Path, name: str, remedy: str) -> bytes:
+    """The bytes of ``path``, after checking its size against the official one (or the cap)."""
+    size = path.stat().st_size
+    known = KNOWN_FILES.get(name)
+    if known is not None and known.size is not None and size != known.size:
+        raise DataError(f"{path} does not match the official WikiText-2 {name}: expected a size "
+                        f"of {known.size:,}, found {size:,} (the file is truncated or altered). "
+                        f"{remedy}")
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{path} is {size:,} bytes, far more than any WikiText-2 file "
+                        f"(at most {MAX_FILE_BYTES:,} are read); it is not {name}. {remedy}")
+    return path.read_bytes()
+
+
 def verify_file(path: str | os.PathLike) -> str:
     """Verify one file (if its name is a known one) and return its sha256."""
     path = Path(path)
-    digest, _ = _verify_bytes(path.read_bytes(), path.name, str(path),
-                              "Replace it with an intact copy.")
+    remedy = "Replace it with an intact copy."
+    digest, _ = _verify_bytes(_read_sized(path, path.name, remedy), path.name, str(path), remedy)
     return digest
 
 
@@ -505,7 +524,7 @@ def _locate(variant: str, scheme: str, data_dir: str | os.PathLike | None,
         content = {}
         for split, name in zip(needed, names):
             p = explicit / name
-            content[split] = _verify_bytes(p.read_bytes(), name, str(p), remedy)
+            content[split] = _verify_bytes(_read_sized(p, name, remedy), name, str(p), remedy)
         return explicit, origin, content
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -514,9 +533,8 @@ def _locate(variant: str, scheme: str, data_dir: str | os.PathLike | None,
     for split, name in zip(needed, names):
         p = cache / name
         if p.is_file():
-            content[split] = _verify_bytes(
-                p.read_bytes(), name, str(p),
-                f"Delete the cache entry {p} and run again to download it afresh.")
+            remedy = f"Delete the cache entry {p} and run again to download it afresh."
+            content[split] = _verify_bytes(_read_sized(p, name, remedy), name, str(p), remedy)
         else:
             to_fetch.append(split)
     if not to_fetch:

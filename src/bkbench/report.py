@@ -1147,6 +1147,11 @@ def report_main(results_dir: str) -> int:
     except ReportError as exc:
         print(f"bkbench report: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a read-only results folder
+        print(f"bkbench report: cannot write the report into {str(results_dir)[:200]!r}: "
+              f"{exc.strerror or exc}; make it writable or copy the JSON files elsewhere",
+              file=sys.stderr)
+        return 2
     for path in paths.values():
         print(path)
     if _proxy(results):

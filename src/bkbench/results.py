@@ -16,6 +16,8 @@ import json
 import os
 import platform
 import subprocess
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 from .atomic import write_json_atomic
 
 SCHEMA_VERSION = 1
+MAX_RESULTS_BYTES = 64 << 20  # a results file is tens of kilobytes
 
 
 @dataclass
@@ -95,18 +98,62 @@ class BenchmarkResults:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BenchmarkResults":
+        """The results in ``values``; ValueError naming the field if anything is malformed."""
+        if not isinstance(values, dict):
+            raise ValueError(f"results must be a JSON object, not a {type(values).__name__}")
         if values.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"results schema_version {values.get('schema_version')!r} is not "
                              f"{SCHEMA_VERSION}; rerun the benchmark with this bkbench version")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [name for name, f in fields.items() if name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing[:5])}")
+        for name, value in values.items():
+            if name in fields and not _matches(value, hints[name]):
+                raise ValueError(f"field {name!r} is {json.dumps(value)[:60]}, not of type "
+                                 f"{getattr(hints[name], '__name__', str(hints[name]))}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchmarkResults":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a results file; ValueError (or OSError) for anything that is not one."""
+        path = Path(path)
+        if path.stat().st_size > MAX_RESULTS_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than a results file can hold")
+        try:
+            values = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"not a JSON text ({type(exc).__name__})") from None
+        return cls.from_dict(values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (int counts as float, bool as neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    return isinstance(value, origin or hint)
 
 
 def _cpu_model() -> str:

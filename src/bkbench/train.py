@@ -33,11 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import load_latest_checkpoint, remove_checkpoints, save_checkpoint
+from .checkpoint import (list_checkpoints, load_latest_checkpoint, remove_checkpoints,
+                         save_checkpoint)
 from .config import BenchmarkConfig, ConfigError
 from .eval import EvalResult, evaluate, target_nll
 from .flags import FlagSet
 from .metrics.contention import ContentionMonitor
+from .models.dropout import dropout_key
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    # plain values and tensors only, so that the checkpoint loads with weights_only=True
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -151,7 +156,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -183,12 +190,16 @@ def make_optimizer(model: nn.Module, config: BenchmarkConfig) -> torch.optim.Ada
 
 
 @contextmanager
-def _stop_requests() -> Iterator[dict[str, int | None]]:
-    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only)."""
-    flag: dict[str, int | None] = {"signal": None}
+def _stop_requests() -> Iterator[dict[str, Any]]:
+    """Turn SIGTERM/SIGINT into a flag checked between steps (main thread only); once
+    ``flag["raise"]`` is set, a signal calls it instead (it raises where the code is)."""
+    flag: dict[str, Any] = {"signal": None, "raise": None}
 
     def handler(signum, _frame):
         flag["signal"] = signum
+        if flag["raise"] is not None:
+            act, flag["raise"] = flag["raise"], None  # once: a second signal must not interrupt it
+            act(signum)
 
     installed = {}
     try:
@@ -415,6 +426,12 @@ class Trainer:
             return
         ckpt = load_latest_checkpoint(self.checkpoint_dir)
         if ckpt is None:
+            if self.is_main:
+                found = len(list_checkpoints(self.checkpoint_dir))
+                why = (f"all {found} checkpoint(s) there failed verification (see above)" if found
+                       else "there is none")
+                log.warning("--resume: no usable checkpoint of %s in %s (%s); TRAINING STARTS "
+                            "FROM STEP 0", self.config.model_name, self.checkpoint_dir, why)
             return
         diffs = config_differences(ckpt.state["config"], self.config.to_dict())
         if ckpt.state.get("data") != self.data_fingerprint:
@@ -510,15 +527,19 @@ class Trainer:
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
         """One optimizer step; returns (global mean cross-entropy, gradient norm)."""
-        step = self.progress.step
+        step = self.progress.step + 1  # numbered from 1, as in train_log.jsonl
         global_tokens = self.config.batch_size * self.config.n_seq
         self.ddp_model.train()
-        loss, terms = self.compute_loss(inputs, targets)
+        # dropout masks keyed by (seed, step, position in the global batch): the same masks
+        # for one process and for any number of ranks (models/dropout.py)
+        positions = range(self.config.batch_size)[self.rank::self.world]
+        with dropout_key(self.config.seed, self.progress.step, positions):
+            loss, terms = self.compute_loss(inputs, targets)
         ce_sum = terms["cross_entropy_sum"]
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"{self.config.model_name}: loss is {loss.item()} at step {step} "
-                f"(epoch {self.progress.epoch + 1}, batch {self.progress.batch_in_epoch}); stopping")
+                f"(epoch {self.progress.epoch + 1}, batch {self.progress.batch_in_epoch + 1}); stopping")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -558,7 +579,12 @@ class Trainer:
         try:
             with _stop_requests() as stop:
                 self._loop(stop)
-            return self._finish()
+                if self._stop_agreed(stop):  # arrived during the last validation
+                    self._interrupted(stop["signal"] or signal.SIGTERM)
+                # the last checkpoint is complete: from here on a signal stops at once, with
+                # the same message, and --resume redoes only the test evaluation
+                stop["raise"] = lambda signum: self._interrupted(signum, save=False)
+                return self._finish()
         finally:
             self._close_logs()
 
@@ -665,13 +691,24 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _interrupted(self, signum: int) -> None:
-        path = self.save_checkpoint()
+    def _interrupted(self, signum: int, save: bool = True) -> None:
+        path = self.save_checkpoint() if save else self._latest_checkpoint()
         name = signal.Signals(signum).name
-        where = f"checkpoint written to {path}" if path else "no checkpoint directory configured"
+        if path is None:
+            where = "no checkpoint directory configured"
+        elif save:
+            where = f"checkpoint written to {path}"
+        else:
+            where = f"training was complete, its checkpoint is {path}"
         raise TrainingInterrupted(
             f"{name} received at step {self.progress.step} of {self.config.model_name}; {where}. "
             "Run the same command with --resume to continue.", signum)
+
+    def _latest_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None or not self.is_main:
+            return None
+        found = list_checkpoints(self.checkpoint_dir)
+        return found[-1] if found else None
 
     def _finish(self) -> TrainOutcome:
         p = self.progress

@@ -13,10 +13,13 @@ import sys
 from .benchmark import WikiText2Benchmark
 from .cli import failure_exit_code
 from .config import BenchmarkConfig
+from .runlock import die_with_parent
 
 
 def main(payload: str) -> int:
     request = json.loads(payload)
+    if "parent_pid" in request:
+        die_with_parent(request["parent_pid"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bench = WikiText2Benchmark(request["output_dir"], progress=request["progress"],
                                progress_interval=request.get("progress_interval", 30.0))
@@ -24,6 +27,9 @@ def main(payload: str) -> int:
         config = BenchmarkConfig.from_dict(request["config"]).validate()
         bench.run_benchmark(config, resume=request["resume"],
                             overwrite=request.get("overwrite", False))
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints): no traceback
+        print("bkbench: interrupted", file=sys.stderr)
+        return 128 + 2
     except Exception as exc:
         code = failure_exit_code(exc)
         if code is None:

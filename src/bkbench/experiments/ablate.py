@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def ablation_rows(base: BenchmarkConfig) -> dict[str, BenchmarkConfig]:
 
 def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool, overwrite: bool) -> str:
     return json.dumps({"config": config.to_dict(), "output_dir": str(output_dir),
-                       "resume": resume, "overwrite": overwrite, "progress": False})
+                       "resume": resume, "overwrite": overwrite, "progress": False,
+                       "parent_pid": os.getpid()})  # the worker dies with this process
 
 
 def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: bool,

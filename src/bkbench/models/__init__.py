@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable
 
 from .common import LanguageModel
+from .dropout import assign_dropout_sites
 from .gla import GLAConfig, GLALM
 from .lstm import LSTMConfig, LSTMLM
 from .resnet_bk import ResNetBKConfig, ResNetBKLM
@@ -38,7 +39,7 @@ def build_model(name: str, vocab_size: int, **config: Any) -> LanguageModel:
         raise ValueError(f"unknown config field(s) for {name}: {', '.join(unknown)}")
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    return model_cls(config_cls(vocab_size=vocab_size, **config))
+    return assign_dropout_sites(model_cls(config_cls(vocab_size=vocab_size, **config)))
 
 
 __all__ = ["build_model", "available_models", "LanguageModel", "TransformerConfig", "TransformerLM",

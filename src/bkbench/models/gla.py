@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..ops.gla import BACKENDS, gated_linear_attention
 from .common import LanguageModel
+from .dropout import KeyedDropout
 from .transformer import MLP
 
 
@@ -86,7 +87,7 @@ class GatedLinearAttention(nn.Module):
         self.gk_up = nn.Linear(cfg.gate_rank, self.key_dim, bias=True)
         self.o_norm = nn.RMSNorm(d // cfg.n_heads, eps=1e-5)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = KeyedDropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -128,7 +129,7 @@ class GLALM(LanguageModel):
         self.n_seq = cfg.n_seq
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = KeyedDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .common import LanguageModel
+from .dropout import KeyedDropout
 
 
 @dataclass
@@ -50,7 +51,7 @@ class LSTMLM(LanguageModel):
         self.config = cfg
         self.n_seq = cfg.n_seq
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = KeyedDropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.d_model, cfg.d_model, cfg.n_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

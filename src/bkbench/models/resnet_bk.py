@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ..ops.bk_core import resolvent_diag
 from .common import LanguageModel
+from .dropout import KeyedDropout
 
 # Rows of each expert's batch are padded to a multiple of this (see the module docstring).
 EXPERT_ROW_MULTIPLE = 16
@@ -320,7 +321,7 @@ class Block(nn.Module):
         self.ln = nn.LayerNorm(cfg.d_model)
         self.moe = MoEFeedForward(cfg)
         self.bk = BKMixer(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = KeyedDropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.moe(self.ln(x))
@@ -342,7 +343,7 @@ class ResNetBKLM(LanguageModel):
         self.n_seq = cfg.n_seq
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = KeyedDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
