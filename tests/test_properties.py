@@ -71,6 +71,7 @@ CONFIG = st.fixed_dictionaries({}, optional={
 
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # shrinking: ~15 min in CI
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(values=CONFIG)
 def test_any_config_trains_one_step_or_fails_in_one_line(values, tmp_path_factory):

@@ -338,6 +338,7 @@ def test_hostile_config_files_exit_2_in_one_short_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--lr", "inf"], "lr must be a finite number"),
+    (["--lr", "5"], "lr must be <= 1"),
     (["--weight-decay", "nan"], "weight_decay must be a finite number"),
     (["--bk-h0", "nan"], "bk_h0 must be a finite number"),
     (["--seed", "100000000000000000000000"], "seed must be in"),

@@ -248,6 +248,11 @@ class BenchmarkConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {short(getattr(self, name))}")
+        if self.lr > 1 and self.lr != float("inf"):   # inf: refused as not finite
+            # AdamW moves each weight by about lr per step: above 1 the first step destroys
+            # the initialisation and the run ends in NaN instead of in a message
+            raise ConfigError(f"lr must be <= 1 (AdamW moves each weight by ~lr per step), "
+                              f"got {short(self.lr)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0 or self.moe_balance_weight < 0:
