@@ -20,7 +20,6 @@ from typing import Sequence
 from . import __version__
 from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, config_keys,
                      load_yaml)
-from .flags import registry as flag_registry
 from .runs import check_can_write, renames_run
 from .validation import check_device, check_output_dir, nonempty_path
 
@@ -83,6 +82,7 @@ def _audit_field(name: str) -> bool:
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
+    from .flags import registry as flag_registry   # imports torch: only for the command used
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
         if f.name in _DEDICATED or f.name in _NOT_OPTIONS or f.name in exclude:
@@ -113,7 +113,14 @@ def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
                            help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
+    """The parser; the config-field options (which need the flag registry, hence torch) are
+    added to ``command``'s subparser only ("all": every one; None: none, for ``--help``)."""
+
+    def add_config_fields(name, subparser, **kw):
+        if command in ("all", name):
+            _add_config_fields(subparser, **kw)
+
     parser = argparse.ArgumentParser(
         prog="bkbench",
         description="Train and compare language models on WikiText-2: a causal Transformer "
@@ -161,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
                      help="seconds between progress lines (step, loss, tokens/s, ETA) when "
                           "stderr is not a terminal (default: %(default)s)")
-    _add_config_fields(run)
+    add_config_fields("run", run)
 
     audit = sub.add_parser(
         "audit", help="check that each model's logits depend on no later token",
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vocabulary of the audited models (default: %(default)s, WikiText-2)")
     audit.add_argument("--sequences", type=int, default=2,
                        help="random sequences per perturbed position (default: %(default)s)")
-    _add_config_fields(audit, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
+    add_config_fields("audit", audit, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
                                                 if not _audit_field(f.name)))
 
     ablate = sub.add_parser(
@@ -206,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue unfinished rows and reuse complete ones")
     ablate.add_argument("--overwrite", action="store_true", help="redo an existing ablation")
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_fields(ablate, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
+    add_config_fields("ablate", ablate, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
                                                  if f.name.startswith("use_")))
 
     scale = sub.add_parser(
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where scale.json and the plots go (default: %(default)s)")
     scale.add_argument("--overwrite", action="store_true", help="replace an existing scale.json")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_fields(scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
+    add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
     report = sub.add_parser("report", help="rebuild report.md/html and plots from a results folder",
                             description="Rebuild the plots, report.md, report.html and the claims "
@@ -437,8 +444,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_main(str(args.results_dir))
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    # the first word that is not an option: the top-level options take no value
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -17,7 +17,13 @@ from typing import Any, Mapping
 
 from .validation import check_config, check_run_name, load_config_file, short
 
-from .flags import registry as flag_registry
+
+
+def _flags():
+    """The flag registry, imported on first use: its flag modules import torch, which
+    ``bkbench --help`` and config errors should not wait for."""
+    from .flags import registry
+    return registry
 
 ARCHITECTURES = ("transformer", "resnet_bk", "gla", "lstm")
 
@@ -134,8 +140,8 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         try:
-            self.flag_settings = flag_registry.resolve_settings(self.flag_settings)
-        except flag_registry.FlagConfigError as exc:
+            self.flag_settings = _flags().resolve_settings(self.flag_settings)
+        except _flags().FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
         if self.architecture is None:
             for arch in ARCHITECTURES:
@@ -166,14 +172,14 @@ class BenchmarkConfig:
 
     def settings(self, flag: str):
         """The settings dataclass of ``flag`` (e.g. "use_koopman"), None if it has none."""
-        return flag_registry.settings_of(self, flag)
+        return _flags().settings_of(self, flag)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BenchmarkConfig":
-        values = flag_registry.fold_flat_settings(values)
+        values = _flags().fold_flat_settings(values)
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(_unknown_fields_message(sorted(unknown)))
@@ -271,8 +277,8 @@ class BenchmarkConfig:
             raise ConfigError(f"data_dir {short(self.data_dir)} does not exist or is not a directory; "
                               "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
         try:
-            flag_registry.check_flags(self)
-        except flag_registry.FlagConfigError as exc:
+            _flags().check_flags(self)
+        except _flags().FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
         check_config(self)
         return self
@@ -334,7 +340,7 @@ def _bad_float(name: str, value: Any):
 
 
 def _unknown_fields_message(unknown: list[str]) -> str:
-    known = [f.name for f in fields(BenchmarkConfig)] + list(flag_registry.settings_fields())
+    known = [f.name for f in fields(BenchmarkConfig)] + list(_flags().settings_fields())
     parts = []
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=1)
@@ -431,7 +437,7 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
 
 def config_keys() -> set[str]:
     """Every name a config mapping may use: the fields and the flat flag-setting names."""
-    return {f.name for f in fields(BenchmarkConfig)} | set(flag_registry.settings_fields())
+    return {f.name for f in fields(BenchmarkConfig)} | set(_flags().settings_fields())
 
 
 __all__ = ["BenchmarkConfig", "ConfigError", "OPTIMIZATION_FLAGS", "config_keys", "PRESETS",
