@@ -123,6 +123,10 @@ class HourglassStack(nn.Module):
             x = block(x)
         return x
 
+    def upsample_state(self, short: torch.Tensor, length: int) -> torch.Tensor:
+        """A middle block's (B, G, d) state at full resolution (for per-layer objectives)."""
+        return upsample(short, self.factor, length)
+
     def positions_per_block(self, n_blocks: int, length: int) -> list[int]:
         short = math.ceil(length / self.factor)
         return [short if self.first_middle <= i < self.end_middle else length
