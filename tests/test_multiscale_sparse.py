@@ -121,6 +121,22 @@ def test_flags_are_causal_in_eval_and_train_mode(changes):
     assert all(m.responsive for m in audit.modes.values())
 
 
+PART_ONE = ["use_analytic_gradient", "use_koopman", "use_physics_informed", "use_quantization",
+            "use_pruning", "use_mixed_precision"]
+
+
+def test_causal_with_the_part_one_flags_and_in_the_evaluated_model():
+    cfg = config(**{name: True for name in PART_ONE + ["use_multi_scale", "use_sparse_bk"]}, koopman_record_windows=2,
+                 physics_informed_record_windows=2, mixed_precision_timing_steps=1,
+                 analytic_gradient_timing_repeats=1)
+    model, flags = built(cfg)
+    with flags.autocast(torch.device("cpu")):
+        assert audit_causality(model, V, seq_len=16).causal
+        evaluated = flags.prepare_for_eval(model)
+        assert audit_causality(evaluated, V, seq_len=16, modes=("eval",)).causal
+    assert evaluated.stack is not None and isinstance(evaluated.blocks[1].bk, sbk.SparseBKMixer)
+
+
 # --- the sparse BK chain -------------------------------------------------------------------
 
 def test_chain_length_is_the_routed_count_and_unrouted_tokens_get_no_mixer_output(monkeypatch):
