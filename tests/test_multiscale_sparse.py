@@ -137,6 +137,21 @@ def test_causal_with_the_part_one_flags_and_in_the_evaluated_model():
     assert evaluated.stack is not None and isinstance(evaluated.blocks[1].bk, sbk.SparseBKMixer)
 
 
+def test_layer_objectives_read_the_middle_states_at_full_resolution():
+    cfg = config(use_multi_scale=True, multi_scale_factor=3, n_seq=15, use_koopman=True,
+                 use_physics_informed=True, koopman_record_windows=2,
+                 physics_informed_record_windows=2)
+    t = trainer(cfg)
+    t.model.train()
+    _, terms = t.compute_loss(tokens(seq=15), tokens(seq=15, seed=2))
+    states = t.flags["use_koopman"].states
+    assert [s.shape[1] for s in states.states] == [15, 15, 5, 5, 15]
+    assert states.stacked().shape == (5, 8, 15, 16)
+    # a middle state stands for the positions it is upsampled to: group j for 3j .. 3j + 2
+    assert torch.equal(states.stacked()[2, :, 3:6], states.states[2][:, 1:2].expand(-1, 3, -1))
+    assert terms["koopman"].item() > 0 and terms["physics_energy"].item() > 0
+
+
 # --- the sparse BK chain -------------------------------------------------------------------
 
 def test_chain_length_is_the_routed_count_and_unrouted_tokens_get_no_mixer_output(monkeypatch):

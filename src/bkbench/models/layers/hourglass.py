@@ -38,6 +38,14 @@ What it records
     components) with and without the hourglass, the same weights both ways; eval-forward
     time with and without.
 
+With other flags
+    The blocks keep their names and weights (the hourglass is ``ResNetBKLM.stack``, which
+    owns no parameters), so per-block flags apply as usual; the layer-to-layer objectives
+    (use_koopman, use_physics_informed) read a middle block's state at full resolution, each
+    pooled state standing for the k positions it is upsampled to. With use_sparse_bk the
+    middle blocks route among their N/k positions. Each flag's "without" measurement switches
+    off that flag only.
+
 Causality
     After upsampling, position t reads pooled group j = floor(t/k), and with the shift that
     group is the mean of tokens j*k - k + 1 .. j*k, all <= t. The middle blocks are causal

@@ -45,6 +45,12 @@ What it records
     counted forward FLOPs (and the mixer component) with and without routing, the same
     weights both ways; eval-forward time with and without.
 
+With other flags
+    The mixer keeps the plain mixer's parameters under their names (blocks.<i>.bk.*) and adds
+    ``router``; use_analytic_gradient and use_mixed_precision act on it as on a BK mixer.
+    use_quantization, applied before this flag in registry order, fake-quantizes the mixer's
+    projections but leaves the router a float Linear (d + 1 parameters per layer).
+
 Causality
     Routing is a function of each token's own state, so the chain of routed tokens up to t
     depends only on tokens <= t, and the causal BK recurrence reads the sites before a site
