@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..compression import mixed_precision, pruning, quantization
+from ..models.layers import hourglass, sparse_bk
 from ..objectives import koopman, physics_informed
 from . import analytic_gradient
 
@@ -83,6 +84,17 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "torch.autocast in bfloat16 (CPU and CUDA); the BK mixers stay in float32/complex64",
              "autocast dtype; dtypes observed in a forward; tokens/s with and without",
              mixed_precision.MixedPrecisionSettings),
+    FlagSpec("use_multi_scale", ("resnet_bk",), hourglass, hourglass.MultiScale,
+             "causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, "
+             "which run on N/k positions, then upsample and add the residual",
+             "positions per block; counted forward FLOPs and eval time with and without",
+             hourglass.MultiScaleSettings),
+    FlagSpec("use_sparse_bk", ("resnet_bk",), sparse_bk, sparse_bk.SparseBK,
+             "learned per-token routing into the BK chain: the BK-Core runs on the shorter "
+             "chain of routed tokens only, the others pass through the residual",
+             "routed share (train and held-out) and chain lengths per layer; the share loss "
+             "term; counted forward FLOPs and eval time with and without",
+             sparse_bk.SparseBKSettings),
 )}
 
 

@@ -350,6 +350,10 @@ class ResNetBKLM(LanguageModel):
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
+        # A structural flag may set a module here that runs ``self.blocks`` in its own way
+        # (use_multi_scale's hourglass): called as stack(blocks, x). It owns no parameters,
+        # so the weights keep their names with the flag on or off.
+        self.stack: nn.Module | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -364,8 +368,11 @@ class ResNetBKLM(LanguageModel):
         T = self.check_input(idx)
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
+        if self.stack is not None:
+            x = self.stack(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.ln_f(x)
 
     def auxiliary_loss(self) -> torch.Tensor | None:

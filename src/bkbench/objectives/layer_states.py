@@ -4,6 +4,10 @@ Both auxiliary objectives act on the layer-to-layer dynamics h_l -> h_{l+1} of t
 stream at each position. Forward hooks on the model's ``blocks`` keep the states of the last
 forward (references to tensors autograd keeps anyway in training); nothing in the forward's
 arithmetic changes.
+
+Blocks that run on fewer positions (the middle blocks of ``use_multi_scale``'s hourglass) are
+read at full resolution, each pooled state standing for the positions it is upsampled to
+(the model's ``stack.upsample_state``), so that h_l and h_{l+1} are the states of one token.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ class LayerStates:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise ValueError(f"{flag} needs a model with a ModuleList of blocks")
         self.states: list[torch.Tensor] = []
+        self.model = model
         blocks[0].register_forward_pre_hook(self._start)
         for block in blocks:
             block.register_forward_hook(self._add)
@@ -26,6 +31,7 @@ class LayerStates:
         # a copied model (e.g. the integer evaluation model) records into its own, empty list
         copied = object.__new__(LayerStates)
         copied.states = []
+        copied.model = memo.get(id(self.model), self.model)
         return copied
 
     def _start(self, module, args) -> None:
@@ -38,7 +44,11 @@ class LayerStates:
         """(L + 1, B, T, d) states of the last forward, float32."""
         if not self.states:
             raise RuntimeError("no forward has run since the hooks were installed")
-        return torch.stack([s.float() for s in self.states])
+        length = self.states[0].shape[1]
+        stack = getattr(self.model, "stack", None)
+        full = [s if s.shape[1] == length else stack.upsample_state(s, length)
+                for s in self.states]
+        return torch.stack([s.float() for s in full])
 
 
 def held_out_windows(split: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Layers that the structural optimisation flags put into a model (one module per flag)."""
