@@ -226,3 +226,25 @@ def test_smoke_run_records_what_the_flags_measured(tmp_path):
     assert rec["use_early_exit"]["settings"]["threshold"] == 0.9
     lines = (tmp_path / "train_log.jsonl").read_text()
     assert "term_ponder" in lines and "term_exits" in lines
+
+
+PART1 = ["use_analytic_gradient", "use_koopman", "use_physics_informed", "use_quantization",
+         "use_pruning", "use_mixed_precision"]
+
+
+@pytest.mark.slow
+def test_with_every_part_1_flag_too_audit_is_causal_and_a_run_records(tmp_path):
+    cfg = config(**{f: True for f in PART1 + ["use_act", "use_early_exit"]},
+                 analytic_gradient_timing_repeats=1, mixed_precision_timing_steps=1,
+                 koopman_record_windows=2, physics_informed_record_windows=2,
+                 pruning_frequency=2, pruning_expert_min_share=0.3)
+    model, fl = built(cfg)
+    with fl.autocast(torch.device("cpu")):
+        assert audit_causality(model, V, seq_len=N, num_sequences=4).causal
+        assert audit_causality(fl.prepare_for_eval(model), V, seq_len=N, num_sequences=4).causal
+    t = trainer(cfg, run_dir=tmp_path)
+    outcome = t.fit()
+    rec = t.flags.record(t, outcome)
+    assert set(rec) == set(PART1 + ["use_act", "use_early_exit"])
+    assert rec["use_act"]["measured"]["held_out"]["mean_layers_used"] >= 1
+    assert rec["use_early_exit"]["measured"]["sweep"]
