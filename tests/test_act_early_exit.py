@@ -25,7 +25,7 @@ def config(**changes):
     base = dict(model_name="resnet_bk_t", d_model=16, n_layers=L, n_heads=2, n_seq=N,
                 batch_size=8, epochs=0, max_steps=6, lr=3e-3, warmup_steps=1,
                 eval_batch_size=16, seed=3, dropout=0.1, num_experts=4, act_record_windows=2,
-                early_exit_sweep="0.0,0.05")
+                early_exit_sweep="0.0,0.05", early_exit_record_windows=2)
     return BenchmarkConfig.from_dict({**base, **changes}).validate()
 
 
@@ -223,6 +223,8 @@ def test_smoke_run_records_what_the_flags_measured(tmp_path):
     assert set(sweep) == {0.0, 0.05, "no exit"}
     assert sweep[0.0]["mean_exit_layer"] == 1.0 and sweep["no exit"]["mean_exit_layer"] == L
     assert all(s["eval_seconds"] > 0 and s["perplexity"] > 1 for s in ee["sweep"])
+    # exiting everything after layer 1 skips the later layers' feed-forward: fewer counted FLOPs
+    assert sweep[0.0]["forward_flops_per_token"] < sweep["no exit"]["forward_flops_per_token"]
     assert rec["use_early_exit"]["settings"]["threshold"] == 0.9
     lines = (tmp_path / "train_log.jsonl").read_text()
     assert "term_ponder" in lines and "term_exits" in lines

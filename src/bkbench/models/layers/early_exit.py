@@ -24,7 +24,8 @@ Paper
 
 Settings (``early_exit_<field>``)
     ``weight`` (of the exits term), ``threshold`` (confidence to exit at evaluation),
-    ``sweep`` (comma-separated thresholds evaluated for the record).
+    ``sweep`` (comma-separated thresholds evaluated for the record), ``record_windows``
+    (validation windows on which the sweep's FLOPs are counted).
 
 Cost
     Training: L - 1 extra passes of the final norm and the LM head (at a WikiText-2 vocabulary
@@ -37,7 +38,9 @@ What it records
     At the configured threshold: the test perplexity of the early-exit model (the run's test
     result is computed with exits on) and the mean and histogram of exit layers on the test
     split; a sweep over ``sweep`` thresholds plus "no exit" on the validation split: perplexity,
-    mean exit layer and measured evaluation seconds of each; the exits term per epoch.
+    mean exit layer and measured evaluation seconds of each, and the forward FLOPs per token
+    counted on the first ``record_windows`` validation windows (LM head and exit heads
+    included); the exits term per epoch.
 
 Causality
     A token's exit decision after layer n is a function of its own state x_n only (norm and
@@ -83,6 +86,8 @@ class EarlyExitSettings:
         "help": "max softmax probability at which a token exits at evaluation (>1: never)"})
     sweep: str = field(default="0.5,0.7,0.8,0.9,0.95,0.99", metadata={
         "help": "comma-separated thresholds evaluated on the validation split for the record"})
+    record_windows: int = field(default=8, metadata={
+        "help": "validation windows on which each sweep point's forward FLOPs are counted"})
 
     def validate(self, config) -> None:
         if not self.weight >= 0:
@@ -90,6 +95,8 @@ class EarlyExitSettings:
         if not self.threshold >= 0:
             raise ValueError(f"early_exit_threshold must be >= 0, got {self.threshold}")
         parse_thresholds(self.sweep)
+        if self.record_windows < 1:
+            raise ValueError(f"early_exit_record_windows must be >= 1, got {self.record_windows}")
         if config.n_layers < 2:
             raise ValueError("use_early_exit needs n_layers >= 2 (a one-layer model has no "
                              "earlier exit)")
@@ -198,9 +205,28 @@ class EarlyExit(Flag):
         evaluated, self.last_policy = with_exits(model, self.settings.threshold)
         return evaluated
 
+    @torch.no_grad()
+    def counted_flops(self, evaluated: nn.Module, windows: torch.Tensor) -> int:
+        """Counted FLOPs of one eval-mode forward of ``windows`` with the exits, LM head
+        included (the exits' head passes are the price of deciding)."""
+        from ...metrics.flops import _new_counter
+        was = evaluated.training
+        evaluated.eval()
+        try:
+            counter = _new_counter()
+            with counter:
+                evaluated(windows)
+        finally:
+            evaluated.train(was)
+        return counter.get_total_flops()
+
     def sweep(self, trainer) -> list[dict[str, Any]]:
+        from ...objectives.layer_states import held_out_windows
+        windows = held_out_windows(trainer.data.valid, self.config.n_seq,
+                                   self.settings.record_windows).to(trainer.device)
         out = []
         for threshold in parse_thresholds(self.settings.sweep) + [math.inf]:
+            flops = self.counted_flops(with_exits(trainer.model, threshold)[0], windows)
             evaluated, policy = with_exits(trainer.model, threshold)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
@@ -213,7 +239,8 @@ class EarlyExit(Flag):
             out.append({"threshold": "no exit" if threshold == math.inf else threshold,
                         "perplexity": result.perplexity, "loss": result.loss,
                         "mean_exit_layer": summary["mean_exit_layer"],
-                        "eval_seconds": seconds})
+                        "eval_seconds": seconds,
+                        "forward_flops_per_token": flops / windows.numel()})
         return out
 
     def record(self, trainer, outcome) -> dict[str, Any]:
