@@ -250,3 +250,18 @@ def test_with_every_part_1_flag_too_audit_is_causal_and_a_run_records(tmp_path):
     assert set(rec) == set(PART1 + ["use_act", "use_early_exit"])
     assert rec["use_act"]["measured"]["held_out"]["mean_layers_used"] >= 1
     assert rec["use_early_exit"]["measured"]["sweep"]
+
+
+def test_exit_confidence_in_chunks_equals_the_whole_batch(monkeypatch):
+    import bkbench.models.layers.early_exit as ee
+    model, _ = built(config(use_early_exit=True))
+    model.eval()
+    inputs, _ = tokens()
+    threshold = median_confidence_threshold(model, inputs)
+    with torch.no_grad():
+        whole, _ = with_exits(model, threshold)
+        expected = whole(inputs)
+        monkeypatch.setattr(ee, "CONFIDENCE_CHUNK", 16)   # 4 chunks of the 64 rows
+        chunked, policy = with_exits(model, threshold)
+        assert torch.equal(chunked(inputs), expected)
+    assert 0 < policy.histogram[0] < B * N

@@ -66,7 +66,10 @@ from ...eval import fused_head
 from ...flags.base import Flag
 from ...objectives.layer_states import LayerStates
 from ...ops.lm_loss import lm_head_nll
-from .depth import gather_rows
+from .depth import ROW_MULTIPLE, gather_rows
+
+# rows of exit logits computed at once (a multiple of ROW_MULTIPLE)
+CONFIDENCE_CHUNK = 64 * ROW_MULTIPLE
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -138,14 +141,24 @@ class ExitPolicy:
             stop = torch.ones(index.numel(), dtype=torch.bool, device=x.device)
         else:
             rows, real = gather_rows(x.reshape(-1, x.shape[-1]), index)
-            logits = head_logits(model, rows)[:real].float()
-            confidence = (logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).exp()
-            stop = confidence >= self.threshold
+            stop = self.confidence(model, rows)[:real] >= self.threshold
         exited = index[stop]
         self._layer[exited] = n + 1
         running = running.clone()
         running[exited] = False
         return running
+
+    @staticmethod
+    def confidence(model, rows: torch.Tensor) -> torch.Tensor:
+        """Max softmax probability of each row's exit, CONFIDENCE_CHUNK rows at a time so that
+        the (rows, vocab) logits never exist in full (at 33k words an eval batch's would take
+        gigabytes). Chunks are multiples of 16 rows, so every GEMM stays in the row-count
+        regime of depth.py."""
+        out = []
+        for chunk in rows.split(CONFIDENCE_CHUNK):
+            logits = head_logits(model, chunk).float()
+            out.append((logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).exp())
+        return torch.cat(out) if out else rows.new_zeros(0)
 
     def finish(self, model, x):
         self.histogram += torch.bincount(self._layer.cpu(), minlength=self.n_layers + 1)[1:]
