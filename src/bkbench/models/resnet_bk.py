@@ -14,6 +14,11 @@ LayerNorm -> LM head. Each block's layer (docs/models.md):
    t_k and shift z_k = E_k + i*eps_k, eps_k = softplus(raw_k) > 0;
 4. ``out = f + bk_scale * Linear(2K, d)([Re g_1..K, Im g_1..K])``.
 
+Flags that let tokens stop computing before the last layer (``use_act``, ``use_early_exit``)
+install *depth policies* on ``depth_policies``; the blocks then run through
+``models/layers/depth.py``, which runs the feed-forward on the still-running tokens' gathered
+rows only and keeps every position in the BK chain. Without policies the plain loop runs.
+
 ``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
 future, is not a valid language model, and exists to be studied (the causality audit fails it).
 
