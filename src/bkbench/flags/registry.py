@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..compression import mixed_precision, pruning, quantization
-from ..models.layers import hourglass, sparse_bk
+from ..models.layers import act, early_exit, hourglass, sparse_bk
 from ..objectives import koopman, physics_informed
 from . import analytic_gradient
 
@@ -84,6 +84,19 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "torch.autocast in bfloat16 (CPU and CUDA); the BK mixers stay in float32/complex64",
              "autocast dtype; dtypes observed in a forward; tokens/s with and without",
              mixed_precision.MixedPrecisionSettings),
+    FlagSpec("use_act", ("resnet_bk",), act, act.ACT,
+             "adaptive computation time over depth: per-token halting units, halted tokens' "
+             "feed-forward skipped by gathering the running rows; ponder cost N + R in the loss",
+             "mean and histogram of layers used per token (last training epoch, held-out); "
+             "counted forward FLOPs and time with ACT and with every layer",
+             act.ACTSettings),
+    FlagSpec("use_early_exit", ("resnet_bk",), early_exit, early_exit.EarlyExit,
+             "per-layer exits through the final norm and the shared LM head, trained with a "
+             "weighted loss; at evaluation a token exits at the first layer whose max softmax "
+             "probability reaches a threshold, its state copied forward",
+             "test perplexity with exits and the mean exit layer; a threshold sweep of "
+             "perplexity, mean exit layer and eval seconds",
+             early_exit.EarlyExitSettings),
     FlagSpec("use_multi_scale", ("resnet_bk",), hourglass, hourglass.MultiScale,
              "causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, "
              "which run on N/k positions, then upsample and add the residual",

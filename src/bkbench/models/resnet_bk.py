@@ -14,6 +14,11 @@ LayerNorm -> LM head. Each block's layer (docs/models.md):
    t_k and shift z_k = E_k + i*eps_k, eps_k = softplus(raw_k) > 0;
 4. ``out = f + bk_scale * Linear(2K, d)([Re g_1..K, Im g_1..K])``.
 
+Flags that let tokens stop computing before the last layer (``use_act``, ``use_early_exit``)
+install *depth policies* on ``depth_policies``; the blocks then run through
+``models/layers/depth.py``, which runs the feed-forward on the still-running tokens' gathered
+rows only and keeps every position in the BK chain. Without policies the plain loop runs.
+
 ``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
 future, is not a valid language model, and exists to be studied (the causality audit fails it).
 
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 from ..ops.bk_core import resolvent_diag
 from .common import LanguageModel
 from .dropout import KeyedDropout
+from .layers.depth import TokenSkip, run_depth
 
 # Rows of each expert's batch are padded to a multiple of this (see the module docstring).
 EXPERT_ROW_MULTIPLE = 16
@@ -220,11 +226,18 @@ class MoEFeedForward(nn.Module):
         to_pairs = row_of_sorted[torch.argsort(order)]
         return counts, padded_list, to_buffer, to_pairs
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, real_rows: int | None = None) -> torch.Tensor:
+        """MoE of ``h`` (..., d). With ``real_rows`` the input is a (rows, d) buffer of
+        gathered tokens whose first ``real_rows`` rows are real and the rest zero padding
+        (models/layers/depth.py): the gate runs on the whole padded buffer (so that its GEMM
+        sees a row count from the regime where a row's result does not depend on the others,
+        as for the experts), only the real rows are routed, and (real_rows, d) is returned."""
         shape = h.shape
         x = h.reshape(-1, shape[-1])                       # (N, d)
-        N, d, k = x.shape[0], x.shape[1], self.top_k
         logits = self.gate(x)                              # (N, E)
+        if real_rows is not None:
+            x, logits = x[:real_rows], logits[:real_rows]
+        N, d, k = x.shape[0], x.shape[1], self.top_k
         probs, chosen, weights = route(logits, k)
         counts, padded, to_buffer, to_pairs = self.dispatch_plan(chosen)
 
@@ -241,11 +254,13 @@ class MoEFeedForward(nn.Module):
         self.last_counts = counts.detach()
         self.last_indices = chosen.detach()
         self.last_aux_loss = self._balance_loss(counts, probs, N)
-        return out.reshape(shape)
+        return out if real_rows is not None else out.reshape(shape)
 
     def _balance_loss(self, counts: torch.Tensor, probs: torch.Tensor, N: int):
         if not (self.training and self.balance_weight > 0):
             return None
+        if N == 0:   # no token reached this layer (all halted or exited): nothing to balance
+            return probs.sum() * 0.0
         # Switch Transformer: E * sum_e (fraction of routed slots to e) * (mean gate prob of e)
         fraction = counts.to(probs.dtype) / (N * self.top_k)
         return self.balance_weight * counts.numel() * (fraction * probs.mean(dim=0)).sum()
@@ -323,7 +338,9 @@ class Block(nn.Module):
         self.bk = BKMixer(cfg)
         self.dropout = KeyedDropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: "TokenSkip | None" = None) -> torch.Tensor:
+        if skip is not None:   # some tokens stopped computing (ACT, early exit): gathered path
+            return skip.run_block(self, x)
         f = self.moe(self.ln(x))
         return x + self.dropout(f + self.bk(f))
 
@@ -354,6 +371,10 @@ class ResNetBKLM(LanguageModel):
         # (use_multi_scale's hourglass): called as stack(blocks, x). It owns no parameters,
         # so the weights keep their names with the flag on or off.
         self.stack: nn.Module | None = None
+        # per-token depth policies installed by flags (use_act, use_early_exit): objects with
+        # begin / after_layer / finish (models/layers/depth.py). Empty: every token runs every
+        # layer on the plain path below.
+        self.depth_policies: list = []
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -368,6 +389,8 @@ class ResNetBKLM(LanguageModel):
         T = self.check_input(idx)
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        if self.depth_policies:   # (runs the hourglass too, when there is one)
+            return self.ln_f(run_depth(self, x, self.depth_policies))
         if self.stack is not None:
             x = self.stack(self.blocks, x)
         else:

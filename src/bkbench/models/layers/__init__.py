@@ -1,1 +1,1 @@
-"""Layers that the structural optimisation flags put into a model (one module per flag)."""
+"""Architecture flags as layers/options of the models (DESIGN.md section 7): one module each."""

@@ -120,16 +120,19 @@ class HourglassStack(nn.Module):
         self.shift = factor - 1 if shift is None else shift
 
     def forward(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.first_middle, self.end_middle
-        for block in blocks[:a]:
+        for block in blocks[:self.first_middle]:
             x = block(x)
-        short = shorten(x, self.factor, self.shift)
-        for block in blocks[a:b]:
-            short = block(short)
-        x = x + upsample(short, self.factor, x.shape[1])
-        for block in blocks[b:]:
+        x = self.middle(blocks, x)
+        for block in blocks[self.end_middle:]:
             x = block(x)
         return x
+
+    def middle(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution state after the middle blocks: x + upsample(middle(shorten(x)))."""
+        short = shorten(x, self.factor, self.shift)
+        for block in blocks[self.first_middle:self.end_middle]:
+            short = block(short)
+        return x + upsample(short, self.factor, x.shape[1])
 
     def upsample_state(self, short: torch.Tensor, length: int) -> torch.Tensor:
         """A middle block's (B, G, d) state at full resolution (for per-layer objectives)."""

@@ -1,0 +1,267 @@
+"""use_act and use_early_exit (issue 11): each test fails if its flag were a no-op or masked
+work instead of skipping it."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from bkbench.audit import audit_causality
+from bkbench.config import BenchmarkConfig
+from bkbench.flags import build_model
+from bkbench.metrics.flops import measure_forward_flops
+from bkbench.models.layers.early_exit import head_logits, with_exits
+from bkbench.train import Trainer, TrainingInterrupted, seed_everything
+
+from conftest import make_corpus
+
+V = 32
+L = 3
+B, N = 4, 16
+
+
+def config(**changes):
+    base = dict(model_name="resnet_bk_t", d_model=16, n_layers=L, n_heads=2, n_seq=N,
+                batch_size=8, epochs=0, max_steps=6, lr=3e-3, warmup_steps=1,
+                eval_batch_size=16, seed=3, dropout=0.1, num_experts=4, act_record_windows=2,
+                early_exit_sweep="0.0,0.05", early_exit_record_windows=2)
+    return BenchmarkConfig.from_dict({**base, **changes}).validate()
+
+
+def built(cfg):
+    seed_everything(cfg.seed)
+    return build_model(cfg, V)
+
+
+def trainer(cfg, corpus=None, **kw):
+    model, flags = built(cfg)
+    corpus = corpus or make_corpus(vocab_size=V, n_train=2000, n_eval=300)
+    return Trainer(cfg, model, corpus, torch.device("cpu"), progress=False, flags=flags, **kw)
+
+
+def tokens(batch=B, seq=N, seed=1):
+    idx = torch.randint(0, V, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
+    return idx[:, :-1], idx[:, 1:]
+
+
+def moe_rows(model, run):
+    """Rows entering each layer's MoE (its input buffer, padding included) during ``run()``."""
+    seen = {}
+    hooks = [b.moe.register_forward_hook(
+        lambda m, args, out, i=i: seen.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        for i, b in enumerate(model.blocks)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [sum(seen.get(i, [])) for i in range(len(model.blocks))]
+
+
+def median_confidence_threshold(model, inputs):
+    """A threshold that about half of the tokens pass at layer 1 (mixed exits)."""
+    states = {}
+    h = model.blocks[0].register_forward_hook(lambda m, a, out: states.setdefault("x", out))
+    model.eval()
+    with torch.no_grad():
+        model(inputs)
+        logits = head_logits(model, states["x"]).float()
+    h.remove()
+    conf = logits.softmax(-1).max(-1).values.reshape(-1)
+    return float(conf.median())
+
+
+# --- use_act -------------------------------------------------------------------------------
+
+def test_act_changes_the_output_and_adds_a_ponder_term_with_a_gradient():
+    inputs, targets = tokens()
+    plain, _ = built(config())
+    on = trainer(config(use_act=True, moe_balance_weight=0.0))
+    plain.eval(), on.model.eval()
+    with torch.no_grad():
+        assert not torch.equal(plain(inputs), on.model(inputs))
+    on.model.train()
+    loss, terms = on.compute_loss(inputs, targets)
+    assert "ponder" in terms and terms["ponder"].item() > 0
+    unit = on.model.flag_modules["act"].units[0].bias
+    grad_task, = torch.autograd.grad(terms["cross_entropy_sum"], [unit], retain_graph=True)
+    grad_ponder, = torch.autograd.grad(terms["ponder"], [unit])
+    assert grad_task.abs().sum() > 0 and grad_ponder.abs().sum() > 0
+
+
+def test_act_halting_after_layer_1_runs_only_layer_1s_feed_forward():
+    t = trainer(config(use_act=True, act_bias_init=10.0))
+    inputs, targets = tokens()
+    t.model.train()
+    rows = moe_rows(t.model, lambda: t.compute_loss(inputs, targets)[0].backward())
+    assert rows == [B * N, 0, 0]
+    assert torch.equal(t.model.flag_modules["act"].last_layers, torch.ones(B * N, dtype=torch.long))
+    # and the counted forward FLOPs fall accordingly, against the plain model
+    plain, _ = built(config())
+    fl_plain = measure_forward_flops(plain, B, N, V)["by_component"]["feed_forward"]
+    fl_act = measure_forward_flops(t.model, B, N, V)["by_component"]["feed_forward"]
+    assert fl_act == pytest.approx(fl_plain / L, rel=1e-9)
+
+
+def test_act_with_mixed_halting_gathers_the_running_rows_only():
+    model, _ = built(config(use_act=True))   # bias 0: halting after 2 or 3 layers
+    model.eval()
+    inputs, _ = tokens()
+    rows = moe_rows(model, lambda: model(inputs))
+    used = model.flag_modules["act"].last_layers
+    running_at_3 = int((used == 3).sum())
+    assert 0 < running_at_3 < B * N
+    assert rows[:2] == [B * N, B * N] and rows[2] == running_at_3 + (-running_at_3 % 16)
+    assert model.last_rows_per_layer == [B * N, B * N, running_at_3]
+
+
+# --- use_early_exit --------------------------------------------------------------------------
+
+def test_early_exit_threshold_0_exits_at_layer_1_and_above_1_never():
+    model, flags = built(config(use_early_exit=True))
+    inputs, _ = tokens()
+    full, never = with_exits(model, 1.5)
+    first, always = with_exits(model, 0.0)
+    for m in (full, first):
+        m.eval()
+    with torch.no_grad():
+        rows_never = moe_rows(model, lambda: full(inputs))
+        out_never = full(inputs)
+        rows_always = moe_rows(model, lambda: first(inputs))
+        out_always = first(inputs)
+        model.eval()
+        out_plain = model(inputs)
+    assert rows_never == [B * N] * L and rows_always == [B * N, 0, 0]
+    assert never.histogram.tolist()[-1] == 2 * B * N and never.histogram[:-1].sum() == 0
+    assert always.histogram[0] == 2 * B * N and always.histogram[1:].sum() == 0
+    assert torch.equal(out_never, out_plain)       # no exit: the full model, bit for bit
+    assert not torch.equal(out_always, out_plain)  # exits change the predictions
+    # the exit at layer 1 predicts from layer 1's state through the final norm and head
+    states = {}
+    h = model.blocks[0].register_forward_hook(lambda m, a, out: states.setdefault("x", out))
+    with torch.no_grad():
+        model(inputs)
+        assert torch.allclose(out_always, head_logits(model, states["x"]), atol=1e-6)
+    h.remove()
+    # prepare_for_eval is the hook that switches exits on; the training model never exits
+    assert flags.prepare_for_eval(model) is not model and model.depth_policies == []
+
+
+def test_early_exit_adds_the_exits_term_with_a_gradient():
+    t = trainer(config(use_early_exit=True, moe_balance_weight=0.0))
+    t.model.train()
+    loss, terms = t.compute_loss(*tokens())
+    assert "exits" in terms and terms["exits"].item() > 0
+    # the exit of layer 1 trains layer 1 (and the shared head)
+    w = dict(t.model.named_parameters())["blocks.0.moe.experts.0.fc.weight"]
+    grad, = torch.autograd.grad(terms["exits"], [w])
+    assert grad.abs().sum() > 0
+
+
+# --- causality, resume, record ---------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["use_act"], ["use_early_exit"], ["use_act", "use_early_exit"]],
+                         ids=lambda f: "+".join(f))
+def test_audit_is_causal_with_the_flags_in_train_and_eval_mode(flags):
+    model, fl = built(config(**{f: True for f in flags}))
+    audit = audit_causality(model, V, seq_len=N, num_sequences=4)
+    assert audit.causal, audit.max_leak
+    evaluated = fl.prepare_for_eval(model)
+    if "use_early_exit" in flags:   # a threshold that makes some tokens exit and others not
+        threshold = median_confidence_threshold(model, tokens()[0])
+        evaluated, policy = with_exits(model, threshold)
+    audit = audit_causality(evaluated, V, seq_len=N, num_sequences=4)
+    assert audit.causal, audit.max_leak
+    if "use_early_exit" in flags:
+        assert 0 < policy.histogram[0] < policy.histogram.sum()   # exits were mixed
+
+
+def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
+    corpus = make_corpus(vocab_size=V, n_train=2000, n_eval=300)
+    cfg = config(use_act=True, use_early_exit=True, checkpoint_every=3, max_steps=8)
+    ref = trainer(cfg, corpus, run_dir=tmp_path / "ref")
+    out_ref = ref.fit()
+
+    t = trainer(cfg, corpus, run_dir=tmp_path / "cut")
+    hook = t.flags.after_optimizer_step
+
+    def interrupt_at_step_5(trainer_, terms):
+        hook(trainer_, terms)
+        if trainer_.progress.step + 1 == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+    t.flags.after_optimizer_step = interrupt_at_step_5
+    with pytest.raises(TrainingInterrupted):
+        t.fit()
+    resumed = trainer(cfg, corpus, run_dir=tmp_path / "cut", resume=True)
+    out = resumed.fit()
+    assert out.resumed_from_step == 5
+    assert out.step_losses == out_ref.step_losses
+    assert out.test.total_nll == out_ref.test.total_nll
+    for a, b in zip(resumed.model.state_dict().items(), ref.model.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    rec_a, rec_b = resumed.flags.record(resumed, out), ref.flags.record(ref, out_ref)
+    assert rec_a["use_act"]["measured"]["train_per_epoch"] == rec_b["use_act"]["measured"]["train_per_epoch"]
+    assert (rec_a["use_early_exit"]["measured"]["exits_term_per_epoch"]
+            == rec_b["use_early_exit"]["measured"]["exits_term_per_epoch"])
+
+
+def test_smoke_run_records_what_the_flags_measured(tmp_path):
+    t = trainer(config(use_act=True, use_early_exit=True), run_dir=tmp_path)
+    outcome = t.fit()
+    rec = t.flags.record(t, outcome)
+    act = rec["use_act"]["measured"]
+    assert act["train_last_epoch"]["tokens"] == 6 * 8 * N
+    assert 1 <= act["train_last_epoch"]["mean_layers_used"] <= L
+    held = act["held_out"]
+    assert held["tokens"] == 2 * N and 1 <= held["mean_layers_used"] <= L
+    assert held["forward_flops_counted"]["act"] <= held["forward_flops_counted"]["all_layers"]
+    ee = rec["use_early_exit"]["measured"]
+    assert ee["test_perplexity_early_exit"] == outcome.test.perplexity
+    assert ee["test_exits"]["tokens"] == outcome.test.num_tokens
+    sweep = {s["threshold"]: s for s in ee["sweep"]}
+    assert set(sweep) == {0.0, 0.05, "no exit"}
+    assert sweep[0.0]["mean_exit_layer"] == 1.0 and sweep["no exit"]["mean_exit_layer"] == L
+    assert all(s["eval_seconds"] > 0 and s["perplexity"] > 1 for s in ee["sweep"])
+    # exiting everything after layer 1 skips the later layers' feed-forward: fewer counted FLOPs
+    assert sweep[0.0]["forward_flops_per_token"] < sweep["no exit"]["forward_flops_per_token"]
+    assert rec["use_early_exit"]["settings"]["threshold"] == 0.9
+    lines = (tmp_path / "train_log.jsonl").read_text()
+    assert "term_ponder" in lines and "term_exits" in lines
+
+
+PART1 = ["use_analytic_gradient", "use_koopman", "use_physics_informed", "use_quantization",
+         "use_pruning", "use_mixed_precision"]
+
+
+@pytest.mark.slow
+def test_with_every_part_1_flag_too_audit_is_causal_and_a_run_records(tmp_path):
+    cfg = config(**{f: True for f in PART1 + ["use_act", "use_early_exit"]},
+                 analytic_gradient_timing_repeats=1, mixed_precision_timing_steps=1,
+                 koopman_record_windows=2, physics_informed_record_windows=2,
+                 pruning_frequency=2, pruning_expert_min_share=0.3)
+    model, fl = built(cfg)
+    with fl.autocast(torch.device("cpu")):
+        assert audit_causality(model, V, seq_len=N, num_sequences=4).causal
+        assert audit_causality(fl.prepare_for_eval(model), V, seq_len=N, num_sequences=4).causal
+    t = trainer(cfg, run_dir=tmp_path)
+    outcome = t.fit()
+    rec = t.flags.record(t, outcome)
+    assert set(rec) == set(PART1 + ["use_act", "use_early_exit"])
+    assert rec["use_act"]["measured"]["held_out"]["mean_layers_used"] >= 1
+    assert rec["use_early_exit"]["measured"]["sweep"]
+
+
+def test_exit_confidence_in_chunks_equals_the_whole_batch(monkeypatch):
+    import bkbench.models.layers.early_exit as ee
+    model, _ = built(config(use_early_exit=True))
+    model.eval()
+    inputs, _ = tokens()
+    threshold = median_confidence_threshold(model, inputs)
+    with torch.no_grad():
+        whole, _ = with_exits(model, threshold)
+        expected = whole(inputs)
+        monkeypatch.setattr(ee, "CONFIDENCE_CHUNK", 16)   # 4 chunks of the 64 rows
+        chunked, policy = with_exits(model, threshold)
+        assert torch.equal(chunked(inputs), expected)
+    assert 0 < policy.histogram[0] < B * N
