@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..compression import mixed_precision, pruning, quantization
+from ..data_selection import active_learning, curriculum
 from ..objectives import koopman, physics_informed
 from . import analytic_gradient
 
@@ -83,6 +84,19 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "torch.autocast in bfloat16 (CPU and CUDA); the BK mixers stay in float32/complex64",
              "autocast dtype; dtypes observed in a forward; tokens/s with and without",
              mixed_precision.MixedPrecisionSettings),
+    FlagSpec("use_curriculum", ("transformer", "resnet_bk"), curriculum, curriculum.Curriculum,
+             "competence-based curriculum: each step's batch drawn from the easiest c(s) share of "
+             "the windows, ranked by an n-gram NLL fitted on the training split (sqrt pacing)",
+             "score summary; competence used per epoch and at sampled steps; mean score fed; "
+             "validation curve and time to target",
+             curriculum.CurriculumSettings),
+    FlagSpec("use_active_learning", ("transformer", "resnet_bk"), active_learning,
+             active_learning.ActiveLearning,
+             "online batch selection: every k steps score a candidate pool by the model's loss "
+             "and train on the top-loss fraction (a random share kept)",
+             "fraction fed, scoring passes, selection FLOPs (also flops.selection) and seconds; "
+             "validation curve and time to target",
+             active_learning.ActiveLearningSettings),
 )}
 
 
