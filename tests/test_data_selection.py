@@ -242,3 +242,32 @@ def test_time_to_target_is_the_first_epoch_at_or_below_it():
                                                   "steps": 20, "tokens": 2560, "seconds": 3.0}
     assert target.time_to_target(curve, 10.0)["reached"] is False
     assert target.time_to_target(curve, None) is None
+
+
+def test_report_lists_each_runs_flags_and_a_time_to_target_table(tmp_path):
+    from test_report import passing_set
+
+    from bkbench.report import build_report
+    results = passing_set()
+    bk = results["resnet_bk_full"]
+    curve = [{"epoch": e + 1, "steps": s, "tokens": s * 32 * 2048, "seconds": t, "valid_perplexity": p}
+             for e, (s, t, p) in enumerate(zip([33, 66, 100], [10.0, 20.0, 30.0],
+                                               [150.0, 110.0, 100.0]))]
+    bk.flags = {"use_curriculum": {"settings": {"score": "bigram", "target_perplexity": 0.0},
+                                   "measured": {"score_summary": {"mean": 5.0},
+                                                "validation_curve": curve}},
+                "use_active_learning": {"settings": {"fraction": 0.5, "target_perplexity": 0.0},
+                                        "measured": {"selection_flops": 1000,
+                                                     "validation_curve": curve}}}
+    bk.flops["selection"] = {"total": 1000, "by_flag": {"use_active_learning": 1000}}
+    for r in results.values():
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "### resnet_bk_full" in md and "`use_curriculum`" in md and "score_summary" in md
+    assert "Selection passes: " in md
+    # the baseline's best validation ppl (118.75) is first met by the flagged run at epoch 2
+    assert ("| resnet_bk_full | `use_curriculum`, `use_active_learning` | 118.75 | baseline "
+            "`resnet_bk_baseline` | 2 | 66 |") in md
+    assert "| resnet_bk_baseline (baseline) | none | 118.75 | its own best epoch | 3 | 100 |" in md
+    assert "Time to target" in (tmp_path / "report.html").read_text()
