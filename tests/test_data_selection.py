@@ -271,3 +271,19 @@ def test_report_lists_each_runs_flags_and_a_time_to_target_table(tmp_path):
             "`resnet_bk_baseline` | 2 | 66 |") in md
     assert "| resnet_bk_baseline (baseline) | none | 118.75 | its own best epoch | 3 | 100 |" in md
     assert "Time to target" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_results_file_has_a_selection_flops_line_in_total_flops(shared_data_dir, tmp_path):
+    from bkbench.benchmark import WikiText2Benchmark
+    from bkbench.config import build_run_configs
+    base = build_run_configs("smoke", overrides={"max_steps": 2, "data_dir": str(shared_data_dir),
+                                                 "split_scheme": "proxy"},
+                             models=["transformer_baseline"])[0]
+    cfg = base.replace(model_name="transformer_al", use_active_learning=True)
+    r = WikiText2Benchmark(tmp_path, progress=False).run_benchmark(cfg)
+    measured = r.flags["use_active_learning"]["measured"]
+    sel = r.flops["selection"]
+    assert sel["total"] == measured["selection_flops"] == \
+        measured["scoring_passes"] * measured["per_pass_flops"] > 0
+    assert r.total_flops == r.flops["training"]["total"] + sel["total"]
