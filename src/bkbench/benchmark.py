@@ -53,6 +53,21 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _with_selection_flops(fields: dict, flag_records: dict) -> dict:
+    """Add the data-selection flags' scoring passes (``selection_flops`` in their records) as
+    ``flops.selection`` and into ``total_flops``: forwards the run paid for to choose its
+    batches are training cost, even though no gradient flows through them."""
+    by_flag = {name: int(rec["measured"]["selection_flops"]) for name, rec in flag_records.items()
+               if "selection_flops" in rec.get("measured", {})}
+    if by_flag:
+        total = sum(by_flag.values())
+        fields["flops"]["selection"] = {"total": total, "by_flag": by_flag,
+                                        "note": "scoring forwards (eval mode, no gradient), "
+                                                "counted FLOPs per pass x passes; in total_flops"}
+        fields["total_flops"] = fields["total_flops"] + total
+    return fields
+
+
 class NonCausalModelError(ConfigError):
     """The model failed the causality audit and --allow-noncausal was not given."""
 
@@ -225,8 +240,9 @@ class WikiText2Benchmark:
             seed=config.seed,
             environment=environment(device),
             flags=flag_records,
-            **flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
-                                  eval_tokens=evaluated),
+            **_with_selection_flops(flops_result_fields(step_flops, outcome.steps,
+                                                        eval_forward=eval_flops,
+                                                        eval_tokens=evaluated), flag_records),
         )
         if is_main:
             results.save(results_path)

@@ -90,9 +90,8 @@ def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] 
         kind = _field_type(f)
         help_text = _FIELD_HELP.get(f.name)
         if f.name.startswith("use_"):
-            spec = flag_registry.REGISTRY.get(f.name)
-            help_text = (f"{spec.summary} ({', '.join(spec.architectures)})" if spec
-                         else "not implemented yet (refused)")
+            spec = flag_registry.REGISTRY[f.name]
+            help_text = f"{spec.summary} ({', '.join(spec.architectures)})"
         _add_option(group, f.name, kind, help_text)
     settings = parser.add_argument_group(
         "flag settings (used when the flag is on; see docs/flags.md)")

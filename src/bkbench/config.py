@@ -354,7 +354,8 @@ def _unknown_fields_message(unknown: list[str]) -> str:
 DEFAULT_RUNS: dict[str, dict[str, Any]] = {
     "transformer_baseline": {"architecture": "transformer"},
     "resnet_bk_baseline": {"architecture": "resnet_bk"},
-    "resnet_bk_full": {"architecture": "resnet_bk", "use_analytic_gradient": True},
+    # "ResNet-BK Full (all optimizations)": every one of the twelve flags on
+    "resnet_bk_full": {"architecture": "resnet_bk", **{flag: True for flag in OPTIMIZATION_FLAGS}},
 }
 
 # Peer baselines, run with --models gla_baseline,lstm_baseline or --models all.
@@ -371,7 +372,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a set-up check: all three models in under a minute on 2 CPU cores. Byte-level, because
     # evaluation always scores every token of the held-out splits, and with the word
     # vocabulary the LM head and softmax alone cost ~20 s of evaluation per model here.
-    "smoke": dict(d_model=32, n_layers=2, n_seq=64, n_heads=2, batch_size=16, epochs=1,
+    "smoke": dict(d_model=32, n_layers=3, n_seq=64, n_heads=2, batch_size=16, epochs=1,
                   max_steps=20, lr=3e-3, warmup_steps=2, eval_batch_size=256, seed=0,
                   num_experts=2, tokenizer="byte"),
 }

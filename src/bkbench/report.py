@@ -804,19 +804,8 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     _peers_section(doc, results)
     _contention_section(doc, results)
 
-    # --- flags: what each flag that was on did (bkbench.flags.registry, results' "flags")
-    flag_rows = []
-    for n, r in results.items():
-        for flag, rec in (r.flags or {}).items():
-            spec = flag_registry.REGISTRY.get(flag)
-            measured = "; ".join(f"{k}: {_short(v, 60)}" for k, v in
-                                 (rec.get("measured") or {}).items())
-            flag_rows.append([n, f"`{flag}`", spec.summary if spec else "(not in this version)",
-                              _short(rec.get("settings"), 60), measured])
-    if flag_rows:
-        doc.h(2, "Optimisation flags")
-        doc.p("What each flag that was on did, as measured in its run (results' `flags`).")
-        doc.table(["run", "flag", "what it does", "settings", "measured"], flag_rows)
+    # --- flags: per run, what each flag that was on did (results' "flags", registry)
+    _flags_section(doc, results)
 
     # --- claims
     doc.h(2, "Claims audit")
@@ -933,6 +922,111 @@ def _build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
         _comparison_table(doc, d)
     return doc
 
+
+
+DATA_FLAGS = ("use_curriculum", "use_active_learning")
+
+
+def _flags_section(doc: _Doc, results: dict[str, BenchmarkResults]) -> None:
+    """Per run: its flags, each with what it does, its settings and what it measured; then the
+    time to a target validation perplexity of the runs with data-side flags."""
+    flagged = {n: r for n, r in results.items() if r.flags}
+    if not flagged:
+        return
+    doc.h(2, "Optimisation flags")
+    doc.p("What each flag that was on did, as measured in its run (results' `flags`).")
+    for n, r in flagged.items():
+        doc.h(3, n)
+        rows = []
+        for flag, rec in r.flags.items():
+            spec = flag_registry.REGISTRY.get(flag)
+            measured = "; ".join(f"{k}: {_short(v, 60)}" for k, v in
+                                 (rec.get("measured") or {}).items()
+                                 if k != "validation_curve")
+            rows.append([f"`{flag}`", spec.summary if spec else "(not in this version)",
+                         _short(rec.get("settings"), 80), measured])
+        doc.table(["flag", "what it does", "settings", "measured"], rows)
+        sel = (r.flops or {}).get("selection")
+        if sel:
+            share = _div(sel.get("total"), r.total_flops)
+            doc.p(f"Selection passes: {_e(sel.get('total'))} FLOPs, "
+                  f"{_pct(share, signed=False)} of this run's training FLOPs (in total_flops).")
+    rows = time_to_target_rows(results)
+    if rows:
+        doc.h(3, "Time to target (data-side flags)")
+        doc.p("The first epoch whose validation perplexity is at or below the target, and the "
+              "steps, target tokens and training seconds (selection passes included, evaluation "
+              "excluded) spent by its end; validation runs once per epoch, so this is known to "
+              "an epoch. Target: the best validation perplexity of the baseline run of the same "
+              "architecture (no flags) in this folder; without one, the flag's "
+              "`target_perplexity` setting; the baseline's own row is shown for comparison.")
+        doc.table(["run", "data flags", "target", "target from", "reached at epoch", "steps",
+                   "tokens", "training s"], rows)
+
+
+def _baseline_of(results: dict[str, BenchmarkResults], r: BenchmarkResults) -> str | None:
+    arch = (r.config or {}).get("architecture")
+    for n, other in results.items():
+        c = other.config or {}
+        if c.get("architecture") == arch and not other.flags and \
+                not any(v is True for k, v in c.items() if k.startswith("use_")):
+            return n
+    return None
+
+
+def time_to_target_rows(results: dict[str, BenchmarkResults]) -> list[list[str]]:
+    """Rows of the time-to-target table: each run with a data-side flag, then its baseline."""
+    from .data_selection.target import time_to_target, validation_curve
+    rows: list[list[str]] = []
+
+    def row(name, flags, tt, source):
+        if tt is None:
+            return [name, flags, "n/a", source, "no target", "", "", ""]
+        if not tt["reached"]:
+            return [name, flags, _f(tt["target"]), source, "not reached", "", "", ""]
+        return [name, flags, _f(tt["target"]), source, str(tt["epoch"]),
+                "n/a" if tt["steps"] is None else str(tt["steps"]),
+                "n/a" if tt["tokens"] is None else _e(tt["tokens"]), _f(tt["seconds"])]
+
+    for n, r in results.items():
+        data_flags = [f for f in (r.flags or {}) if f in DATA_FLAGS]
+        if not data_flags:
+            continue
+        curve = (r.flags[data_flags[0]].get("measured") or {}).get("validation_curve") or []
+        base = _baseline_of(results, r)
+        if base is not None:
+            target, source = results[base].valid_perplexity, f"baseline `{base}`"
+        else:
+            configured = [(r.flags[f].get("settings") or {}).get("target_perplexity") or 0
+                          for f in data_flags]
+            target = min((t for t in configured if t > 0), default=None)
+            source = "setting target_perplexity" if target else "none"
+        flags = ", ".join(f"`{f}`" for f in data_flags)
+        rows.append(row(n, flags, time_to_target(curve, target), source))
+        if base is not None:
+            b = results[base]
+            # the baseline's steps per epoch are the flagged run's when their schedules match
+            same = len(curve) == len(b.epoch_perplexities or []) and curve and \
+                curve[-1]["steps"] == b.steps
+            if same:
+                b_curve = [{**pt, "valid_perplexity": ppl, "seconds": sec}
+                           for pt, ppl, sec in zip(curve, b.epoch_perplexities,
+                                                   _cumulative(b.epoch_times or []))]
+            else:
+                b_curve = [{**pt, "steps": None, "tokens": None}
+                           for pt in validation_curve(b.epoch_perplexities or [],
+                                                      b.epoch_times or [], 1, 0, 0)]
+            rows.append(row(f"{base} (baseline)", "none", time_to_target(b_curve, target),
+                            "its own best epoch"))
+    return rows
+
+
+def _cumulative(xs: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
 
 def _comparison_table(doc: _Doc, d: dict) -> None:
     doc.h(3, f"{d.get('a')} vs {d.get('b')}")

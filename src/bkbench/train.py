@@ -365,7 +365,9 @@ class Trainer:
     def batch(self, order: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of global batch ``index`` of an epoch: (inputs, targets)."""
         bs, n = self.config.batch_size, self.config.n_seq
-        windows = order[index * bs:(index + 1) * bs][self.rank::self.world]
+        chosen = self.flags.batch_windows(self, self.progress.epoch, order, index)
+        windows = order[index * bs:(index + 1) * bs] if chosen is None else chosen
+        windows = windows[self.rank::self.world]
         offsets = torch.arange(n + 1)
         chunk = self.data.train[windows[:, None] * n + offsets]
         return chunk[:, :-1].to(self.device), chunk[:, 1:].to(self.device)
@@ -616,12 +618,14 @@ class Trainer:
                         break
                     if self._stop_agreed(stop):
                         self._interrupted(stop["signal"] or signal.SIGTERM)
-                    inputs, targets = self.batch(order, p.batch_in_epoch)
                     timed = p.step >= timing_warmup
                     self._sync()
                     if timed:
                         self._contention.begin_step()
+                    # the batch is fetched inside the timed step: a data-selection flag's
+                    # scoring passes (active learning) run there and belong to training time
                     start = time.perf_counter()
+                    inputs, targets = self.batch(order, p.batch_in_epoch)
                     loss, grad_norm = self.train_step(inputs, targets)
                     self._sync()
                     elapsed = time.perf_counter() - start

@@ -15,6 +15,8 @@ lists of Lightning or the HF Trainer). A flag overrides only the points it needs
 ``after_optimizer_step``    after each optimizer step (schedules, pruning masks, statistics)
 ``on_epoch_end``            after an epoch's last step, before its validation
 ``select_windows``          the order of the training windows of an epoch (data selection)
+``batch_windows``           the window ids of one global batch (online selection); None: the
+                            batch's slice of the epoch's order
 ``prepare_for_eval(model)`` the model that is evaluated (integer weights, early exits)
 ``record(trainer)``         what the flag measured, for ``flags.<name>`` in the results
 ``state_dict`` /            the flag's own state in checkpoints, restored *before* the model's
@@ -61,6 +63,10 @@ class Flag:
 
     def select_windows(self, trainer: "Trainer", epoch: int, order: torch.Tensor) -> torch.Tensor:
         return order
+
+    def batch_windows(self, trainer: "Trainer", epoch: int, order: torch.Tensor,
+                      index: int) -> torch.Tensor | None:
+        return None
 
     def prepare_for_eval(self, model: nn.Module) -> nn.Module:
         return model
@@ -137,6 +143,17 @@ class FlagSet:
         for flag in self.flags.values():
             order = flag.select_windows(trainer, epoch, order)
         return order
+
+    def batch_windows(self, trainer, epoch: int, order: torch.Tensor,
+                      index: int) -> torch.Tensor | None:
+        chosen = None
+        for name, flag in self.flags.items():
+            windows = flag.batch_windows(trainer, epoch, order, index)
+            if windows is not None:
+                if chosen is not None:
+                    raise RuntimeError(f"two flags choose the windows of a batch ({name} and another)")
+                chosen = windows
+        return chosen
 
     def prepare_for_eval(self, model: nn.Module) -> nn.Module:
         for flag in self.flags.values():

@@ -51,6 +51,17 @@ class LayerStates:
         return torch.stack([s.float() for s in full])
 
 
+    def full_resolution(self) -> list[torch.Tensor]:
+        """The L + 1 states of the last forward at full resolution, in their own dtype. A
+        middle block's pooled state is upsampled and added to the state that entered the
+        shortened middle: for the last middle block that is exactly what the next block gets."""
+        length = self.states[0].shape[1]
+        stack = getattr(self.model, "stack", None)
+        return [s if s.shape[1] == length
+                else self.states[stack.first_middle] + stack.upsample_state(s, length)
+                for s in self.states]
+
+
 def held_out_windows(split: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
     """The first ``count`` whole windows of ``seq_len`` tokens of a held-out split, (n, T)."""
     n = min(count, split.numel() // seq_len)

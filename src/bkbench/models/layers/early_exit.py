@@ -195,7 +195,7 @@ class EarlyExit(Flag):
         return model
 
     def loss_terms(self, model, inputs, targets, step):
-        states = self.states.states
+        states = self.states.full_resolution()
         per_layer = [exit_nll(model, states[n], targets) for n in range(1, len(states) - 1)]
         self._last = [v.detach() for v in per_layer]
         term = sum(w * v for w, v in zip(self.weights, per_layer))
