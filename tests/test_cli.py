@@ -28,7 +28,7 @@ def run_cli(*args, cwd=None):
     (["--models", "mamba_baseline"], "unknown model"),
     (["--lr", "0"], "lr must be > 0"),
     (["--top-k", "9", "--num-experts", "2"], "top_k (9) cannot exceed"),
-    (["--use-curriculum"], "use_curriculum is not implemented"),
+    (["--use-act", "--models", "transformer_baseline"], "use_act applies to resnet_bk"),
     (["--use-analytic-gradient", "--models", "transformer_baseline"], "applies to resnet_bk"),
     (["--data-dir", "/nonexistent/wikitext"], "does not exist"),
     (["--eval-stride", "500"], "eval_stride"),
@@ -139,8 +139,8 @@ def test_audit_command_exit_code_says_whether_every_model_is_causal(capsys):
     assert main(["audit", *small]) == 0
     out = capsys.readouterr().out
     assert out.count("CAUSAL: max leak 0.0") == 3
-    assert main(["audit", *small, "--models", "resnet_bk_full", "--bk-mode", "bidirectional"]) == 1
-    assert "resnet_bk_full-d_model16-bk_modebidirectional: NOT CAUSAL" in capsys.readouterr().out
+    assert main(["audit", *small, "--models", "resnet_bk_baseline", "--bk-mode", "bidirectional"]) == 1
+    assert "resnet_bk_baseline-d_model16-bk_modebidirectional: NOT CAUSAL" in capsys.readouterr().out
 
 
 def test_noncausal_model_is_refused_unless_allowed(shared_data_dir, tmp_path):

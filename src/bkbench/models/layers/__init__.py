@@ -1,1 +1,1 @@
-"""Architecture flags as layers/options of the models (DESIGN.md section 7): one module each."""
+"""Architecture flags as layers/options of the models (docs/flags.md): one module each."""
