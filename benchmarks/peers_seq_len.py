@@ -9,14 +9,16 @@ Usage::
 Each model is built as ``bkbench run`` builds it (the ``default`` preset's sizes, the run's
 own settings) with ``n_seq`` set per column and ``batch_size = tokens // n_seq``, so every
 step trains on the same number of tokens (default 4096 = the default preset's 32 x 128). A
-step is what the trainer does: forward, cross-entropy (+ the model's auxiliary loss),
-backward, gradient clipping, AdamW step, on random tokens of a vocabulary of ``--vocab``
+step is ``Trainer.train_step``, what the run does: forward, the LM head fused with the
+cross-entropy, the model's auxiliary loss and the flags' loss terms, backward, gradient
+clipping, AdamW step, schedule, on random tokens of a vocabulary of ``--vocab``
 (default 13,777, the proxy scheme's; the LM head's cost does not depend on n_seq).
 
 The models are interleaved in one process -- repeat r times every (n_seq, model) once -- so
 that a machine whose load drifts slows all of them alike; each figure is the median over the
 repeats of tokens / step time, after ``--warmup`` untimed steps. CUDA is synchronized around
-every step.
+every step. With ``use_active_learning`` on (resnet_bk_full), the batch selection's scoring
+passes are not part of ``train_step`` and so not in these figures; ``bkbench run`` counts them.
 """
 
 from __future__ import annotations
@@ -24,26 +26,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from bkbench.config import build_run_configs
-from bkbench.models import build_model
+from bkbench.flags import build_model
 from bkbench.results import environment
-from bkbench.train import make_optimizer, resolve_device, seed_everything
-
-
-def training_step(model, optimizer, inputs, targets, grad_clip):
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    aux = model.auxiliary_loss()
-    if aux is not None:
-        loss = loss + aux
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+from bkbench.train import Trainer, resolve_device, seed_everything
 
 
 def main(argv=None) -> None:
@@ -63,30 +53,38 @@ def main(argv=None) -> None:
         parser.error(f"--tokens {args.tokens} must be a multiple of every n_seq; not of {bad}")
     device = resolve_device(args.device)
 
-    runs = {}   # (n_seq, name) -> (model, optimizer, inputs, targets, grad_clip)
+    runs = {}   # (n_seq, name) -> (trainer, inputs, targets)
     for n in seq_lens:
-        overrides = {"n_seq": n, "batch_size": args.tokens // n, "device": args.device}
-        for config in build_run_configs("default", overrides=overrides, models=names):
+        overrides = {"n_seq": n, "batch_size": args.tokens // n, "device": args.device,
+                     "max_steps": 10 ** 9}
+        gen = torch.Generator().manual_seed(n)
+        stream = torch.randint(0, args.vocab, (max(4 * args.tokens, 4 * n + 1),), generator=gen)
+        data = SimpleNamespace(train=stream, valid=stream[:n + 1], test=stream[:n + 1],
+                               vocab=SimpleNamespace(eos_id=0))
+        # in the order of `names`; a run's name gains an "-n_seq..." suffix, the key keeps it plain
+        for name, config in zip(names, build_run_configs("default", overrides=overrides,
+                                                         models=names)):
             seed_everything(config.seed)
-            model = build_model(config.architecture, args.vocab, **config.model_kwargs()).to(device)
-            gen = torch.Generator().manual_seed(n)
+            # with its flags applied, trained by the trainer's own step (flags' loss terms,
+            # autocast, pruning's step hook), as `bkbench run` trains it
+            model, flags = build_model(config, args.vocab)
+            trainer = Trainer(config, model.to(device), data, device, progress=False, flags=flags)
             idx = torch.randint(0, args.vocab, (config.batch_size, n + 1), generator=gen).to(device)
-            runs[n, config.model_name] = (model.train(), make_optimizer(model, config),
-                                          idx[:, :-1], idx[:, 1:], config.grad_clip)
+            runs[n, name] = (trainer, idx[:, :-1], idx[:, 1:])
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for run in runs.values():
+    for trainer, x, y in runs.values():
         for _ in range(args.warmup):
-            training_step(*run)
+            trainer.train_step(x, y)
     times = {key: [] for key in runs}
     for _ in range(args.repeats):
-        for key, run in runs.items():
+        for key, (trainer, x, y) in runs.items():
             sync()
             start = time.perf_counter()
-            training_step(*run)
+            trainer.train_step(x, y)
             sync()
             times[key].append(time.perf_counter() - start)
 

@@ -52,9 +52,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bkbench.config import PRESETS, build_run_configs
+from bkbench.config import DEFAULT_RUNS, PRESETS, build_run_configs
 from bkbench.eval import evaluate
 from bkbench.metrics import measure_step_flops
+from bkbench.flags import build_model as build_flagged_model
 from bkbench.models import MODELS, build_model
 from bkbench.train import Trainer, make_optimizer
 
@@ -130,8 +131,10 @@ class ReferenceRunner:
 def bkbench_rows(args, vocab: int, train_tokens: torch.Tensor):
     overrides = dict(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                      n_seq=args.n_seq, batch_size=args.batch_size, device="cpu",
-                     max_steps=10 ** 9)
-    configs = build_run_configs("default", overrides=overrides)
+                     eval_batch_size=args.eval_batch_size, max_steps=10 ** 9)
+    # named as the runs are, without the suffix an override of the preset's sizes adds
+    configs = [c.replace(model_name=name) for name, c in
+               zip(DEFAULT_RUNS, build_run_configs("default", overrides=overrides))]
     present = {c.architecture for c in configs}
     for arch in MODELS:   # peers registered beside the default runs
         if arch not in present:
@@ -144,13 +147,15 @@ def bkbench_rows(args, vocab: int, train_tokens: torch.Tensor):
             continue
         torch.manual_seed(config.seed)
         try:
-            model = build_model(config.architecture, vocab, **config.model_kwargs())
+            # with its flags applied, as the benchmark builds it (resnet_bk_full: all twelve)
+            model, flags = build_flagged_model(config, vocab)
         except (TypeError, ValueError) as exc:
             print(f"  {config.model_name}: not built with the shared sizes ({exc}); no row")
             continue
-        trainer = Trainer(config, model, data, torch.device("cpu"), progress=False)
+        trainer = Trainer(config, model, data, torch.device("cpu"), progress=False, flags=flags)
         rows.append(SimpleNamespace(name=config.model_name, model=model, runner=trainer,
-                                    optimizer=trainer.optimizer))
+                                    optimizer=trainer.optimizer,
+                                    compute_loss=trainer.compute_loss))
     return rows
 
 
@@ -191,8 +196,15 @@ def interleaved_throughput(rows, args, stream, eval_stream):
                 dt = time.perf_counter() - t0
                 row.step_times.append(dt)
                 row.train.append(tokens / dt)
-            t0 = time.perf_counter()
-            evaluate(row.model, eval_stream, args.n_seq, args.eval_batch_size)
+            if isinstance(row.runner, Trainer):
+                # as the run evaluates: the flags' evaluation model (e.g. the real int8 one)
+                # and autocast; preparing it is set-up, outside the timed call
+                eval_model = row.runner.flags.prepare_for_eval(row.model)
+                t0 = time.perf_counter()
+                row.runner.evaluate(eval_model, eval_stream)
+            else:
+                t0 = time.perf_counter()
+                evaluate(row.model, eval_stream, args.n_seq, args.eval_batch_size)
             row.eval.append(eval_stream.numel() / (time.perf_counter() - t0))
         print(f"  repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
@@ -465,8 +477,10 @@ def main(argv=None):
 
     interleaved_throughput(rows, args, stream, eval_stream)
     for row in rows:
+        # bkbench rows: the objective that trains (flags' loss terms and autocast included)
         row.flops = measure_step_flops(row.model, args.batch_size, args.n_seq, args.vocab,
-                                       optimizer=row.optimizer).total
+                                       optimizer=row.optimizer,
+                                       compute_loss=getattr(row, "compute_loss", None)).total
         row.gemm_gflop, row.roof = roofline(row, args, stream, args.min_time)
     header = (f"{'model':<34} {'params':>9} {'train tok/s':>22} {'eval tok/s':>24} "
               f"{'eval/train':>10} {'GFLOP/step':>10} {'GFLOP/s':>8} {'roofline':>8} "
