@@ -174,13 +174,39 @@ def test_result_fields_and_training_totals():
     assert src["backward"] == {"counted": r.backward - 2 * head_fwd, "formula": 2 * head_fwd}
     assert src["optimizer"] == {"counted": 0, "formula": r.optimizer}
     assert src["uncounted"]["formula"] == r.uncounted["total"]
-    # without a gradient the head runs as plain chunked products, which the counter sees
-    assert src["evaluation"] == {"counted": fields["flops"]["evaluation"]["total"], "formula": 0}
+    # evaluation runs the fused head too (its no-gradient op, charged 2 N d V by formula)
+    scale = 1000 / ev["tokens"]
+    assert src["evaluation"] == {"counted": round((ev["forward"] - head_fwd) * scale),
+                                 "formula": round(head_fwd * scale)}
     import json
     json.dumps(fields)                            # JSON-ready
 
 
 # --- the BK-Core and the ResNet-BK model -------------------------------------------------
+
+def test_the_runs_measurement_of_the_trainers_objective_sees_the_fused_head(tiny_corpus):
+    """What `bkbench run` counts (measure_step_flops with Trainer.compute_loss) is the fused
+    head op the trainer runs, not the unfused products: the FLOP tracker's module hooks once
+    made the fused-head check fail inside the measurement, so the run's head was counted as
+    plain matrix products while training ran the fused op."""
+    from bkbench.config import BenchmarkConfig
+    from bkbench.train import Trainer
+    vocab = len(tiny_corpus.vocab)
+    config = BenchmarkConfig(model_name="t", architecture="transformer", d_model=32, n_layers=2,
+                             n_heads=2, n_seq=16, batch_size=4, max_steps=1, dropout=0.1)
+    torch.manual_seed(0)
+    model = build_model("transformer", vocab, **config.model_kwargs())
+    trainer = Trainer(config, model, tiny_corpus, torch.device("cpu"), progress=False)
+    plain = measure_step_flops(model, 4, 16, vocab, optimizer=trainer.optimizer)
+    run = measure_step_flops(model, 4, 16, vocab, optimizer=trainer.optimizer,
+                             compute_loss=trainer.compute_loss)
+    head_fwd = 2 * 4 * 16 * 32 * vocab
+    assert run.sources["forward"] == plain.sources["forward"] == {
+        "counted": plain.forward - head_fwd, "formula": head_fwd}
+    assert run.sources["backward"] == {"counted": run.backward - 2 * head_fwd,
+                                       "formula": 2 * head_fwd}
+    assert (run.forward, run.backward) == (plain.forward, plain.backward)
+
 
 def test_bk_core_count_matches_its_formula():
     bk = pytest.importorskip("bkbench.ops.bk_core")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import prune
 
 from .models.common import LanguageModel
 from .ops.lm_loss import lm_head_nll
@@ -68,9 +69,10 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     """``model.lm_head`` if the model's logits are ``lm_head(features(idx))`` (it keeps
     :class:`LanguageModel`'s forward), so that a loss may fuse the head; else None."""
     head = getattr(model, "lm_head", None)
-    # a head whose weight a forward pre-hook recomputes (pruning's mask) must run its forward
+    # a pruned head's weight is recomputed (mask x weight_orig) by prune's forward pre-hook, so
+    # it must run its forward; other hooks (the FLOP counter's module tracker) change nothing
     if (isinstance(model, LanguageModel) and isinstance(head, nn.Linear)
-            and not head._forward_pre_hooks
+            and not prune.is_pruned(head)
             and getattr(model.forward, "__func__", None) is LanguageModel.forward):
         return head
     return None
