@@ -196,6 +196,33 @@ def test_mixed_precision_runs_the_model_in_bfloat16_and_the_bk_mixer_in_float32(
     assert seen["head"] == torch.float32
 
 
+def test_quantized_linears_compute_in_bfloat16_under_mixed_precision():
+    """use_quantization with use_mixed_precision (as in resnet_bk_full): the fake-quantized
+    products run in the autocast dtype, on grid values; alone, quantization stays float32."""
+    seen = {}
+
+    def watch(name):
+        def hook(module, args, out):
+            # the BK mixers stay float32 under the flag (their projections included)
+            seen.setdefault("bk" if ".bk." in name else "rest", set()).add(out.dtype)
+        return hook
+
+    for mixed, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        seen.clear()
+        t = trainer(config(use_quantization=True, use_mixed_precision=mixed))
+        qat = [(n, m) for n, m in t.model.named_modules() if isinstance(m, QATLinear)]
+        hooks = [m.register_forward_hook(watch(n)) for n, m in qat]
+        t.model.train()
+        loss, _ = t.compute_loss(*tokens())
+        for h in hooks:
+            h.remove()
+        assert seen == {"rest": {dtype}, "bk": {torch.float32}}
+        qat = [m for _, m in qat]
+        loss.backward()
+        assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32
+                   for m in qat if m.weight.requires_grad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [[f] for f in FIVE] + [ALL], ids=lambda f: "+".join(f))
 def test_audit_passes_with_each_flag_and_all_together(flags):
