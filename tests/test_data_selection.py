@@ -157,6 +157,22 @@ def test_active_learning_trains_on_the_fraction_and_counts_selection_flops():
     assert 0 < rec["selection_flops_share"] < 1 and rec["selection_seconds"] > 0
 
 
+def test_other_flags_records_start_no_selection_round():
+    """The records are taken after training; the mixed-precision timing once fetched its batch
+    through trainer.batch, which ran one more active-learning round (2 scoring passes, an
+    epoch 'n + 1' in the record) and charged it to the run's selection FLOPs."""
+    cfg = config(arch="resnet_bk", use_active_learning=True, use_mixed_precision=True,
+                 active_learning_every=1, mixed_precision_timing_steps=1)
+    t = trainer(cfg)
+    out = t.fit()
+    records = t.flags.record(t, out)
+    rec = records["use_active_learning"]["measured"]
+    assert rec["rounds"] == out.steps
+    assert [e["epoch"] for e in rec["epochs"]] == [1, 2]
+    assert rec["scoring_passes"] == out.steps * 2          # fraction 0.5: a pool of 2 batches
+    assert records["use_mixed_precision"]["measured"]["autocast_dtype"] == "bfloat16"
+
+
 def test_scoring_leaves_the_model_in_training_mode_without_gradients():
     t = trainer(config(use_active_learning=True))
     flag = t.flags.flags["use_active_learning"]

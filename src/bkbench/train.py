@@ -364,9 +364,15 @@ class Trainer:
 
     def batch(self, order: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of global batch ``index`` of an epoch: (inputs, targets)."""
-        bs, n = self.config.batch_size, self.config.n_seq
+        bs = self.config.batch_size
         chosen = self.flags.batch_windows(self, self.progress.epoch, order, index)
-        windows = order[index * bs:(index + 1) * bs] if chosen is None else chosen
+        return self.window_batch(order[index * bs:(index + 1) * bs] if chosen is None else chosen)
+
+    def window_batch(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the training windows ``windows``: (inputs, targets). No flag
+        is consulted, so a measurement after training (a flag's record) can take a batch
+        without starting a data-selection round."""
+        n = self.config.n_seq
         windows = windows[self.rank::self.world]
         offsets = torch.arange(n + 1)
         chunk = self.data.train[windows[:, None] * n + offsets]

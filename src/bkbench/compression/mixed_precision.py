@@ -124,7 +124,9 @@ class MixedPrecision(Flag):
 
     def record(self, trainer, outcome) -> dict[str, Any]:
         model, device = trainer.model, trainer.device
-        inputs, targets = trainer.batch(trainer.epoch_order(0), 0)
+        # the first training windows, without the flags' selection: going through
+        # trainer.batch would run (and record) an active-learning round after training
+        inputs, targets = trainer.window_batch(torch.arange(trainer.config.batch_size))
         dtypes = self.observed_dtypes(model, inputs)
         # training throughput with and without autocast, interleaved, on the run's shapes
         times: dict[bool, list[float]] = {True: [], False: []}
