@@ -232,3 +232,16 @@ def test_ablation_row_equals_a_single_run_of_its_config(shared_data_dir, tmp_pat
     assert (tmp_path / "ablation" / "ablation.md").read_text().count("| bk") == len(table["rows"])
     with pytest.raises(ConfigError, match="--overwrite"):
         run_ablation(base, tmp_path / "ablation", progress=False)
+
+
+def test_a_scale_point_of_a_model_with_data_selection_flags_is_measured():
+    """A scale point times train_step on one fixed batch; taking it through trainer.batch ran
+    the flags' selection, and active learning refused a one-batch 'epoch' (resnet_bk_full's
+    sweep stopped there)."""
+    from bkbench.config import BenchmarkConfig
+    from bkbench.experiments.scale import measure_point
+    config = BenchmarkConfig(model_name="bk_al", architecture="resnet_bk", d_model=16,
+                             n_layers=1, n_seq=16, batch_size=2, num_experts=2,
+                             use_active_learning=True, use_curriculum=True).validate()
+    point = measure_point(config, 50, steps=1, warmup=0, axis="n_seq")
+    assert point["n_seq"] == 16 and point["batch_size"] == 2 and point["tokens_per_second"] > 0

@@ -111,13 +111,13 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
     # one-time allocations are outside the measured window
     tiny = config.replace(n_seq=min(config.n_seq, 16), batch_size=2, max_steps=1, epochs=0)
     warm = _one_step_trainer(tiny, vocab_size, device)
-    warm.train_step(*warm.batch(torch.arange(2), 0))
+    warm.train_step(*warm.window_batch(torch.arange(2)))
     del warm
     release_freed_memory()
 
     with PeakMemory(device) as memory:
         trainer = _one_step_trainer(config, vocab_size, device)
-        batch = trainer.batch(torch.arange(config.batch_size), 0)
+        batch = trainer.window_batch(torch.arange(config.batch_size))
         times = []
         for i in range(warmup + steps):
             if device.type == "cuda":
