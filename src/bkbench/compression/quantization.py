@@ -121,10 +121,9 @@ class QATLinear(nn.Module):
         self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the grid values are formed in float32; the product then runs in the autocast dtype
-        # when use_mixed_precision is on too (rounding a grid value to bf16 moves it by at most
-        # 2^-9 of itself, well inside one INT8 step), else in float32. Autocast was once
-        # switched off here, which left use_mixed_precision without effect on every Linear
+        # the grid values are formed in float32; the product runs in the autocast dtype when
+        # use_mixed_precision is on too, so that flag reaches the quantized Linears (rounding a
+        # grid value to bf16 moves it by at most 2^-9 of itself, well inside one INT8 step)
         w = fake_quant_weight(self.weight, self.bits)
         b = self.bias.float() if self.bias is not None else None
         return F.linear(fake_quant_tokens(x.float()), w, b)
