@@ -203,6 +203,17 @@ def test_model_and_flag_overrides_name_a_variant_training_overrides_do_not():
     with pytest.raises(ConfigError, match="run-suffix"):
         build_run_configs("default", run_suffix="a/b")
     assert variant_suffix({"use_x": True}, {"use_x": False}, ["use_x"]) == "-no_use_x"
+    # every flag switched on from the command line: a name that still fits the 100-character
+    # file-name limit (it was refused, for `bkbench run` and `bkbench audit` alike), the same
+    # for the same overrides and different for others
+    from bkbench.config import OPTIMIZATION_FLAGS
+    many = names(overrides={f: True for f in OPTIMIZATION_FLAGS}, models=["resnet_bk_baseline"])
+    fewer = names(overrides={f: True for f in OPTIMIZATION_FLAGS[:8]},
+                  models=["resnet_bk_baseline"])
+    assert many[0].startswith("resnet_bk_baseline-12changes-") and len(many[0]) <= 100
+    assert fewer[0].startswith("resnet_bk_baseline-8changes-") and fewer[0][-8:] != many[0][-8:]
+    assert many == names(overrides={f: True for f in OPTIMIZATION_FLAGS},
+                         models=["resnet_bk_baseline"])
 
 
 def test_default_output_folder_is_named_after_the_preset(tmp_path, monkeypatch, capsys):

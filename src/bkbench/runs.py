@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .validation import MAX_RUN_NAME
+
 # dropout is a regulariser of the training, not a size: changing it does not rename a run
 TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens",
                    "budget_flops", "budget_seconds", "lr", "weight_decay", "grad_clip",
@@ -80,7 +82,13 @@ def variant_suffix(base: Mapping[str, Any], overrides: Mapping[str, Any],
             parts.append(name if value else f"no_{name}")
         else:
             parts.append(f"{name}{_format_value(value)}")
-    return "".join(f"-{p}" for p in parts)
+    suffix = "".join(f"-{p}" for p in parts)
+    if len(str(base.get("model_name", ""))) + len(suffix) > MAX_RUN_NAME:
+        # many overrides (e.g. every flag on): a name that still fits the file-name limit,
+        # stable for the same overrides; the results' config lists them all
+        digest = hashlib.sha256(suffix.encode()).hexdigest()[:8]
+        suffix = f"-{len(parts)}changes-{digest}"
+    return suffix
 
 
 # --- setups ---------------------------------------------------------------------------------

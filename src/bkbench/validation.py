@@ -27,7 +27,8 @@ import yaml
 MAX_CONFIG_BYTES = 1 << 20   # a config file is a few hundred bytes; a megabyte is generous
 MAX_CONFIG_DEPTH = 8         # runs -> name -> field -> value is depth 3
 MAX_ECHO = 80                # characters of a value echoed in a message
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+MAX_RUN_NAME = 100   # run names become file names
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,%d}" % (MAX_RUN_NAME - 1))
 DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 MAX_SEED = 2**32 - 1         # numpy's seed range; torch's generators take it as it is
 
