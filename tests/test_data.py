@@ -7,6 +7,7 @@ download function is replaced by fakes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -285,9 +286,22 @@ def _synthetic_train(path: Path, drop_one_word: bool = False) -> None:
 
 
 @needs_shared
-def test_official_scheme_with_a_train_file_of_the_published_shape(tmp_path):
+def test_a_fabricated_train_file_of_the_published_shape_is_refused(tmp_path):
     d = _copy(tmp_path / "data", ("wiki.valid.tokens", "wiki.test.tokens"))
     _synthetic_train(d / "wiki.train.tokens")
+    with pytest.raises(DataError, match="expected SHA-1 863f29c46ef9d167fff4940ec821195882fe29d1"):
+        load_wikitext2(d)
+
+
+@needs_shared
+def test_official_scheme_with_a_train_file_of_the_published_shape(tmp_path, monkeypatch):
+    d = _copy(tmp_path / "data", ("wiki.valid.tokens", "wiki.test.tokens"))
+    train = d / "wiki.train.tokens"
+    _synthetic_train(train)
+    # stand in for the real file: the synthetic one's digest replaces the release's
+    known = bd.KNOWN_FILES["wiki.train.tokens"]
+    sha1 = hashlib.sha1(train.read_bytes()).hexdigest()
+    monkeypatch.setitem(bd.KNOWN_FILES, "wiki.train.tokens", dataclasses.replace(known, sha1=sha1))
     data = load_wikitext2(d)
     assert data.scheme == "official"
     assert data.train.numel() == 2_088_628
@@ -295,11 +309,30 @@ def test_official_scheme_with_a_train_file_of_the_published_shape(tmp_path):
     assert data.valid.numel() == EXPECTED_TOKENS["valid"]
     assert data.test.numel() == EXPECTED_TOKENS["test"]
     assert set(data.checksums) == {"wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"}
-    assert data.verification["wiki.train.tokens"] == "lines+tokens+vocab"
+    assert data.verification["wiki.train.tokens"] == "lines+tokens+vocab+sha1"
     assert data.verification["wiki.valid.tokens"] == "size+sha256"
-    _synthetic_train(d / "wiki.train.tokens", drop_one_word=True)
+    _synthetic_train(train, drop_one_word=True)
     with pytest.raises(DataError, match="token count of 2,088,628, found 2,088,627"):
         load_wikitext2(d)
+
+
+# SHA-1 of the release's files as GluonNLP's WikiText2 / WikiText2Raw definitions publish them;
+# the train values in KNOWN_FILES come from the same definitions
+PUBLISHED_SHA1 = {
+    "wiki.valid.tokens": "0418625c8b4da6e4b5c7a0b9e78d4ae8f7ee5422",
+    "wiki.test.tokens": "c7b8ce0aa086fb34dab808c5c49224211eb2b172",
+    "wiki.valid.raw": "db78d4db83700cba1b1bf4a9381087043db2876d",
+    "wiki.test.raw": "6f1fe2054a940eebfc76b284b09680763b37f5ea",
+}
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SHA1))
+def test_the_published_sha1_list_describes_this_release(name):
+    """The list the train digests come from matches the validation and test files we hold."""
+    assert hashlib.sha1((SHARED / name).read_bytes()).hexdigest() == PUBLISHED_SHA1[name]
+    assert bd.KNOWN_FILES["wiki.train.tokens"].sha1 == "863f29c46ef9d167fff4940ec821195882fe29d1"
+    assert bd.KNOWN_FILES["wiki.train.raw"].sha1 == "d33faf256327882db0edc7c67cd098d1051a2112"
 
 
 # --- finding the files ------------------------------------------------------------------------

@@ -16,8 +16,8 @@ Where the files are looked for, in this order
 
 Verification
     Every file with a name the project knows is checked before use: the four validation and test
-    files by size and sha256, the two train files by line count, token count and (tokenized form)
-    vocabulary size.  A mismatch raises :class:`DataError`; a damaged file is never used as a
+    files by size and sha256, the two train files by line count, token count, (tokenized form)
+    vocabulary size and the release's published SHA-1.  A mismatch raises :class:`DataError`; a damaged file is never used as a
     silently smaller data set.  Other files in the folder are ignored.
 
 Token-counting convention (the one the published counts use)
@@ -107,12 +107,14 @@ class KnownFile:
     size: int | None = None
     sha256: str | None = None
     vocab: int | None = None  # distinct words + <eos> (the word-level vocabulary it yields)
+    sha1: str | None = None
 
     @property
     def method(self) -> str:
         if self.sha256 is not None:
             return "size+sha256"
-        return "lines+tokens" + ("+vocab" if self.vocab is not None else "")
+        return ("lines+tokens" + ("+vocab" if self.vocab is not None else "")
+                + ("+sha1" if self.sha1 is not None else ""))
 
 
 KNOWN_FILES: dict[str, KnownFile] = {
@@ -126,15 +128,22 @@ KNOWN_FILES: dict[str, KnownFile] = {
                   sha256="4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"),
         KnownFile("wiki.test.raw", lines=4_358, tokens=245_569, size=1_290_590,
                   sha256="173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"),
-        # The train files are not available on the machines this was written on, so their size
-        # and sha256 could not be derived with certainty; they are verified by the published line
-        # count (36,718) and token count (2,088,628), and the tokenized one also by the standard
-        # vocabulary size (33,278 = distinct words + <eos>).  The raw train token count is taken
-        # to equal the tokenized one: the tokenized form is the raw form with rare words replaced
-        # one-for-one by <unk>, and the validation and test files of the two forms do have
-        # identical line and token counts.
-        KnownFile("wiki.train.tokens", lines=36_718, tokens=2_088_628, vocab=33_278),
-        KnownFile("wiki.train.raw", lines=36_718, tokens=2_088_628),
+        # The train files are not available on the machines this was written on.  They are
+        # verified by the published line count (36,718) and token count (2,088,628), the
+        # tokenized one also by the standard vocabulary size (33,278 = distinct words + <eos>), and
+        # both by the SHA-1 that GluonNLP's WikiText2 / WikiText2Raw dataset definitions publish
+        # for the release's files.  Those definitions give the SHA-1 of the validation and test
+        # files too, and all four equal the SHA-1 of the copies above, so the train values
+        # describe the same release.  (SHA-1 has known collision attacks, but matching a given
+        # digest -- a second preimage -- is out of reach, so a fabricated file still fails.)
+        # The raw train token count is taken to equal the tokenized one: the tokenized form is
+        # the raw form with rare words replaced one-for-one by <unk>, and the validation and test
+        # files of the two forms do have identical line and token counts.  The counts are
+        # checked before the digest because their messages say what is wrong (truncation).
+        KnownFile("wiki.train.tokens", lines=36_718, tokens=2_088_628, vocab=33_278,
+                  sha1="863f29c46ef9d167fff4940ec821195882fe29d1"),
+        KnownFile("wiki.train.raw", lines=36_718, tokens=2_088_628,
+                  sha1="d33faf256327882db0edc7c67cd098d1051a2112"),
     )
 }
 
@@ -241,6 +250,10 @@ def _verify_bytes(data: bytes, name: str, where: str, remedy: str) -> tuple[str,
             words.add(EOS)
             if len(words) != known.vocab:
                 raise fail("a vocabulary size of", known.vocab, len(words))
+        if known.sha1 is not None:
+            sha1 = hashlib.sha1(data).hexdigest()
+            if sha1 != known.sha1:
+                raise fail("SHA-1", known.sha1, sha1)
     return digest, lines
 
 
