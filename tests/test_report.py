@@ -285,6 +285,14 @@ def test_peers_table_and_comparisons_appear_only_with_peer_results(tmp_path):
             120.0 / results[peer].test_perplexity)
 
 
+def test_summary_says_more_flops_where_a_run_counts_more_than_the_transformer(tmp_path):
+    for r in passing_set(fwd=4e12).values():  # the Transformer counts 1e12
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    md = build_report(tmp_path)["report_md"].read_text()
+    summary = md[md.index("## Summary"):md.index("## Setup")]
+    assert "`resnet_bk_full` against the Transformer: forward FLOPs/step 4.00x more," in summary
+
+
 def test_summary_opens_the_report_with_the_numbers_and_seed_intervals(tmp_path):
     results = passing_set()
     for r in results.values():

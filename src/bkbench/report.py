@@ -1091,6 +1091,13 @@ def _ratio_text(x: float | None, what: str) -> str:
     return "n/a" if x is None else f"{x:.2f}x {what}"
 
 
+def _fewer_text(x: float | None) -> str:
+    """``x`` = the Transformer's count / this run's: "N x fewer", or "N x more" below one."""
+    if x is None or x <= 0:
+        return "n/a"
+    return f"{x:.2f}x fewer" if x >= 1 else f"{1 / x:.2f}x more"
+
+
 def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: list[Claim],
                      aggregates: dict[str, dict]) -> None:
     """What the run found, from the numbers, before any setup table."""
@@ -1140,7 +1147,7 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
                 speed_text += " (**contended, not judged**: " + "; ".join(busy) + ")"
             lines.append(
                 f"`{n}` against the Transformer: forward FLOPs/step "
-                f"{_ratio_text(fwd, 'fewer')}, backward {_ratio_text(bwd, 'fewer')}; measured "
+                f"{_fewer_text(fwd)}, backward {_fewer_text(bwd)}; measured "
                 f"speed {speed_text}; peak memory {_f(r.peak_memory_mb, ',.1f')} vs "
                 f"{_f(tf.peak_memory_mb, ',.1f')} MiB ({_ratio_text(mem, _OF_TF)}).")
     doc.bullets(lines)
