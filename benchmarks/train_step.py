@@ -5,10 +5,11 @@ Usage::
     python benchmarks/train_step.py              # the default preset's sizes, V = 13,777
     python benchmarks/train_step.py --quick      # fewer repeats, a shorter evaluation stream
     python benchmarks/train_step.py --profile    # also the top ops of one step of each model
+    python benchmarks/train_step.py --flag-rows  # also the baseline with each flag alone
 
 Rows: the three runs of the default benchmark (Transformer, ResNet-BK baseline, ResNet-BK full)
-plus any other architecture registered in ``bkbench.models.MODELS``, each built as the benchmark
-builds it and trained by ``bkbench.train.Trainer.train_step`` (the loss, backward, clipping,
+plus any other architecture registered in ``bkbench.models.MODELS`` (with ``--flag-rows``, also
+ResNet-BK baseline with each of the twelve flags alone), each built as the benchmark builds it and trained by ``bkbench.train.Trainer.train_step`` (the loss, backward, clipping,
 optimizer and schedule the benchmark runs), on random tokens; and a plain-PyTorch reference:
 the classic word-language-model Transformer (``nn.TransformerEncoder``, post-LN, ReLU MLP,
 sinusoidal positions, biased decoder, full logits + ``F.cross_entropy``, default ``AdamW``,
@@ -52,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bkbench.config import DEFAULT_RUNS, PRESETS, build_run_configs
+from bkbench.config import DEFAULT_RUNS, OPTIMIZATION_FLAGS, PRESETS, build_run_configs
 from bkbench.eval import evaluate
 from bkbench.metrics import measure_step_flops
 from bkbench.flags import build_model as build_flagged_model
@@ -139,11 +140,16 @@ def bkbench_rows(args, vocab: int, train_tokens: torch.Tensor):
     for arch in MODELS:   # peers registered beside the default runs
         if arch not in present:
             configs.append(configs[0].replace(model_name=arch, architecture=arch))
+    if args.flag_rows:   # what each flag alone adds to the baseline's step (an ablation of speed)
+        base = next(c for c in configs if c.model_name == "resnet_bk_baseline")
+        configs += [base.replace(model_name=f"bk+{flag.removeprefix('use_')}", **{flag: True})
+                    for flag in OPTIMIZATION_FLAGS]
     data = SimpleNamespace(train=train_tokens, valid=train_tokens[:1000],
                            test=train_tokens[:1000], vocab=SimpleNamespace(eos_id=0))
     rows = []
     for config in configs:
-        if args.models and config.model_name not in args.models:
+        if (args.models and config.model_name not in args.models
+                and not (args.flag_rows and config.model_name.startswith("bk+"))):
             continue
         torch.manual_seed(config.seed)
         try:
@@ -438,6 +444,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="training steps per repeat")
     ap.add_argument("--models", nargs="*", default=None, help="run names (default: all)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--flag-rows", action="store_true",
+                    help="add resnet_bk_baseline with each flag alone (bk+<flag>)")
     ap.add_argument("--no-side", action="store_true",
                     help="skip the MoE, LM-loss and optimizer benchmarks")
     ap.add_argument("--profile", action="store_true")
@@ -502,6 +510,16 @@ def main(argv=None):
         print(f"  {row.name}: {row.gemm_gflop:.2f} GFLOP of the step are GEMMs "
               f"({row.gemm_gflop / (row.flops / 1e9):.0%} of the counted)")
     print()
+    base = next((r for r in rows if r.name == "resnet_bk_baseline"), None)
+    flagged = [r for r in rows if r.name.startswith("bk+") or r.name == "resnet_bk_full"]
+    if base is not None and flagged:
+        print("Against resnet_bk_baseline (medians; selection flags' scoring passes and the "
+              "flags' after-training records are not in a step):")
+        for row in flagged:
+            print(f"  {row.name:<24} train tok/s x{statistics.median(row.train) / statistics.median(base.train):.2f}"
+                  f"  eval tok/s x{statistics.median(row.eval) / statistics.median(base.eval):.2f}"
+                  f"  GFLOP/step x{row.flops / base.flops:.2f}")
+        print()
     sys.stdout.flush()
     if not args.no_side:
         moe_vs_dense(args)
