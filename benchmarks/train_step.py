@@ -375,17 +375,27 @@ def lm_loss_chunks(args) -> None:
             lm_head_nll(h, w, None, t, chunk_rows=chunk).backward()
         return fn
 
+    def forward_only():   # what evaluation runs: the per-target NLL, no gradient
+        with torch.no_grad():
+            lm_head_nll(h, w, None, t, reduction="none", chunk_rows=default)
+
     default = default_chunk_rows(V)
     chunks = sorted({max(1, default // 4), default, 4 * default, 16 * default})
-    fns = {"unfused": unfused, **{f"fused, {c} rows": fused(c) for c in chunks}}
+    fns = {"unfused": unfused, **{f"fused, {c} rows": fused(c) for c in chunks},
+           "forward only (eval)": forward_only}
     res = timed_pairs(fns, args.repeats, args.min_time)
     base = statistics.median(res["unfused"])
     print(f"LM head + loss, forward+backward at rows={N}, d={d}, V={V} "
           f"(default chunk: {default} rows), median of {args.repeats} interleaved repeats:")
     for name, times in res.items():
         med = statistics.median(times)
-        print(f"  {name:<18} {med * 1e3:8.1f} ms [{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}]"
+        print(f"  {name:<20} {med * 1e3:8.1f} ms [{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}]"
               f"  {base / med:5.2f}x")
+    # both directions pay the log-softmax pass over every logit, so for a model whose step is
+    # mostly its head this ratio bounds evaluation tokens/s over training tokens/s
+    ratio = (statistics.median(res[f"fused, {default} rows"])
+             / statistics.median(res["forward only (eval)"]))
+    print(f"  head's training / evaluation time (default chunk): {ratio:.2f}x")
 
 
 def optimizer_variants(args) -> None:
