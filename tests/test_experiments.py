@@ -217,6 +217,30 @@ def test_ablation_rows_are_baseline_each_flag_and_all():
         assert {k: getattr(c, k) for k in shared} == {k: getattr(base, k) for k in shared}
 
 
+def test_ablation_table_gives_welch_p_values_against_the_baseline():
+    from bkbench.experiments.ablate import ablation_rows, build_table, format_table
+    base = build_run_configs("smoke", models=["resnet_bk_baseline"])[0]
+    rows = dict(list(ablation_rows(base).items())[:3])
+    names = list(rows)
+    ppl = {names[0]: [60.0, 61.0, 59.5], names[1]: [60.2, 61.3, 59.1], names[2]: [70.0, 71.5, 69.0]}
+    tps = {names[0]: [5000, 5100, 4950], names[1]: [5200, 5150, 5300], names[2]: [3000, 3100, 2900]}
+    results = {f"{n}-seed{s}": _results(f"{n}-seed{s}", s, ppl[n][i], tps[n][i])
+               for n in names for i, s in enumerate((1, 2, 3))}
+    for r in results.values():
+        r.peak_memory_mb = 100.0
+    table = build_table(rows, results, seeds=[1, 2, 3])
+    assert "welch_vs_baseline" not in table["rows"][0]
+    for r in table["rows"][1:]:
+        n = r["row"]
+        for field, values in (("test_perplexity", ppl), ("tokens_per_second", tps)):
+            want = stats.ttest_ind(values[n], values[names[0]], equal_var=False).pvalue
+            assert r["welch_vs_baseline"][field]["p_value"] == pytest.approx(want, rel=1e-12)
+    md = format_table(table)
+    line = {l.split(" | ")[0].lstrip("| "): l for l in md.splitlines() if l.startswith("| bk")}
+    assert "(not significant)" in line[names[1]]              # p ~ 0.9
+    assert "p = " in line[names[2]] and "(not significant)" not in line[names[2]]
+
+
 @pytest.mark.slow
 def test_ablation_row_equals_a_single_run_of_its_config(shared_data_dir, tmp_path):
     from bkbench.benchmark import WikiText2Benchmark

@@ -28,8 +28,8 @@ from ..atomic import write_bytes_atomic, write_json_atomic
 from ..config import BenchmarkConfig, ConfigError, OPTIMIZATION_FLAGS
 from ..flags.registry import REGISTRY
 from ..results import BenchmarkResults
-from .seeds import expand_seeds
-from .stats import summarize, welch_difference_ci
+from .seeds import SIGNIFICANCE, expand_seeds
+from .stats import summarize, welch_difference_ci, welch_test
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,11 @@ def build_table(rows: dict[str, BenchmarkConfig], results: dict[str, BenchmarkRe
         row["delta_vs_baseline"] = delta
         for field in ("step_flops", "tokens_per_second", "peak_memory_mb", "model_size_mb"):
             row[field] = summarize(_values(results, name, seeds, field)).to_dict()
+        if name != BASELINE_ROW:   # Welch's t-test against the baseline, as run comparisons do
+            row["welch_vs_baseline"] = {
+                field: welch_test(_values(results, name, seeds, field),
+                                  _values(results, BASELINE_ROW, seeds, field))
+                for field in ("test_perplexity", "tokens_per_second")}
         table_rows.append(row)
     first = results[table_rows[0]["runs"][0]]
     return {
@@ -199,7 +204,8 @@ def format_table(table: dict[str, Any]) -> str:
         lines += ["**PROXY split scheme**: not comparable to official WikiText-2 numbers.", ""]
     lines += [f"Seeds: {', '.join(map(str, table['seeds']))}. Mean ± half-width of the 95% "
               "interval over seeds; Δ is the difference of test perplexity from the baseline "
-              "with its Welch interval.", ""]
+              "with its Welch interval and Welch's t-test p-value (two-sided; not significant "
+              f"at p >= {SIGNIFICANCE}).", ""]
     if table.get("timing_note"):
         lines += [f"Note: {table['timing_note']}.", ""]
     head = ["row", "flags", "test ppl", "Δ vs baseline", "FLOPs/step", "tokens/s",
@@ -210,6 +216,9 @@ def format_table(table: dict[str, Any]) -> str:
         delta = f"{d['delta']:+.2f} ({100 * d['relative']:+.2f}%)"
         if d.get("ci_low") is not None:
             delta += f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+        p = (r.get("welch_vs_baseline") or {}).get("test_perplexity", {}).get("p_value")
+        if p is not None:
+            delta += f", p = {p:.3g}" + ("" if p < SIGNIFICANCE else " (not significant)")
         lines.append("| " + " | ".join([
             r["row"], ", ".join(f.removeprefix("use_") for f in r["flags"]) or "none",
             _mean_ci(r["test_perplexity"], ".2f"), delta,
