@@ -80,17 +80,22 @@ print(json.dumps(mem.to_dict()))
 
 @pytest.mark.slow
 def test_one_time_set_up_is_not_charged_to_the_model_that_first_uses_it():
-    peaks = {}
-    for kind in ("plain", "bk"):
-        out = subprocess.run([sys.executable, "-c", _WARM_CHILD, kind], capture_output=True,
-                             text=True, timeout=120, check=True)
-        peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])["increase_bytes"]
+    # A single child's figure varies by up to ~13 MiB from run to run (allocator arenas, and
+    # whatever else the machine is doing), so each kind is measured three times, interleaved,
+    # and their medians compared; the effect guarded against is ~50 MiB.
+    samples = {"plain": [], "bk": []}
+    for _ in range(3):
+        for kind in samples:
+            out = subprocess.run([sys.executable, "-c", _WARM_CHILD, kind], capture_output=True,
+                                 text=True, timeout=120, check=True)
+            samples[kind].append(json.loads(out.stdout.strip().splitlines()[-1])["increase_bytes"])
     if not reset_peak_rss():
         pytest.skip("peak RSS cannot be reset here")
+    peaks = {kind: sorted(values)[1] for kind, values in samples.items()}
     assert peaks["plain"] > 2 * 2**20                         # the test measures something
-    # measured here: 33-39 MiB for either model from run to run with the warm-up; without
+    # measured here: 27-39 MiB for either model from run to run with the warm-up; without
     # it the BK model's first call added ~50 MiB (and the shared set-up ~90 MiB to both)
-    assert abs(peaks["bk"] - peaks["plain"]) < 8 * 2**20, peaks
+    assert abs(peaks["bk"] - peaks["plain"]) < 16 * 2**20, samples
 
 
 def _child_peak(batch: int) -> dict:
