@@ -269,3 +269,27 @@ def test_a_scale_point_of_a_model_with_data_selection_flags_is_measured():
                              use_active_learning=True, use_curriculum=True).validate()
     point = measure_point(config, 50, steps=1, warmup=0, axis="n_seq")
     assert point["n_seq"] == 16 and point["batch_size"] == 2 and point["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--seeds", ""], "seeds is empty"),
+    (["run", "--seeds", "1,x"], "seeds must be non-negative integers"),
+    (["run", "--seeds", "2,2"], "seeds repeat a value"),
+    (["run", "--seeds", "1,2", "--seed", "3"], "either --seed or --seeds"),
+    (["run", "--budget-flops", "-5"], "budget_flops must be a positive finite number"),
+    (["run", "--budget-seconds", "nan"], "budget_seconds must be a positive finite number"),
+    (["ablate", "--seeds", " , "], "seeds is empty"),
+    (["ablate", "--jobs", "0"], "--jobs must be at least 1"),
+    (["scale", "--n-seq", "128,abc"], "--n-seq takes comma-separated positive integers"),
+    (["scale", "--n-seq", "512"], "two or more distinct values"),
+    (["scale", "--n-seq", "128,256", "--steps", "0"], "steps must be >= 1"),
+    (["scale", "--n-seq", "128,256", "--vocab-size", "0"], "--vocab-size must be at least 2"),
+    (["scale", "--n-seq", "128,256", "--models", "mamba"], "unknown model"),
+])
+def test_experiment_commands_refuse_bad_arguments_with_exit_2(args, message, tmp_path, capsys):
+    from bkbench.cli import main
+    out_dir = tmp_path / "out"
+    assert main([*args, "--output-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out_dir.exists(), "nothing may be written when the input is bad"

@@ -292,7 +292,9 @@ def _configs_from_args(args: argparse.Namespace,
         if not models:
             raise ConfigError(f"--models {args.models!r} names no run; give comma-separated run "
                               "names or leave --models out for all")
-    seeds = getattr(args, "seeds", None) or file_values.pop("seeds", None)
+    # the command line wins over the file; an empty --seeds '' is an error, not "no seeds"
+    file_seeds = file_values.pop("seeds", None)
+    seeds = file_seeds if getattr(args, "seeds", None) is None else args.seeds
     configs = build_run_configs(args.preset, file_values, overrides, models,
                                 run_suffix=getattr(args, "run_suffix", None))
     if seeds is None:
@@ -404,7 +406,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if "runs" in file_values:
         raise ConfigError(f"'runs' in {args.config} does not apply to `bkbench ablate`: its rows "
                           "are the baseline, each flag alone and all flags")
-    seeds = args.seeds or file_values.pop("seeds", None)
+    file_seeds = file_values.pop("seeds", None)
+    seeds = file_seeds if args.seeds is None else args.seeds
     overrides = {k: v for k, v in vars(args).items()
                  if k in {f.name for f in dataclasses.fields(BenchmarkConfig)} and v is not None}
     if seeds is not None and "seed" in overrides:
