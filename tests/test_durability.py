@@ -140,7 +140,7 @@ def test_torchrun_trains_resnet_bk_with_an_expert_idle_on_one_rank(tmp_path):
     # one 16-token window per rank and 8 experts: in most steps some expert gets no token on
     # a rank; its parameters must still take part in DDP's gradient reduction
     args = ["--model", "resnet_bk", "--steps", "6", "--batch-size", "2", "--num-experts", "8",
-            "--dropout", "0"]
+            "--dropout", "0.1"]
     single = finish(driver(tmp_path / "one", *args))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -152,10 +152,11 @@ def test_torchrun_trains_resnet_bk_with_an_expert_idle_on_one_rank(tmp_path):
     idle = two["idle_expert_steps"]
     assert len(idle) == 2 and any(idle), "no step left an expert idle: the test tests nothing"
     assert two["steps"] == 6
-    # the gradient all-reduce sums in another order, and a near-tie in the (discrete) routing
-    # may then go the other way a few steps later: close, not equal to 1e-4
-    assert two["step_losses"] == pytest.approx(single["step_losses"], rel=1e-3)
-    assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-3)
+    # the MoE balance loss is the global batch's (routing counts summed over the ranks), so
+    # only the order of floating-point sums differs; with per-rank fractions the losses
+    # drifted apart by 4e-5 (relative) within 20 smoke steps
+    assert two["step_losses"] == pytest.approx(single["step_losses"], rel=1e-5)
+    assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
 
 
 def test_torchrun_cli_writes_one_results_file_with_single_process_numbers(shared_data_dir, tmp_path):

@@ -171,6 +171,43 @@ def test_load_balancing_loss():
     assert off.auxiliary_loss() is None
 
 
+def test_balance_loss_over_rank_shards_equals_the_whole_batchs():
+    """Two 'ranks' each run half the batch; with the counts summed over them, their losses
+    average to the one-process loss and their gradients (as DDP averages them) to its
+    gradient. Per-shard fractions (each rank's own Switch loss) do not."""
+    model = tiny(num_experts=4, top_k=2, moe_balance_weight=0.1, dropout=0.0).train()
+    idx = tokens(batch=4)
+    gate = [b.moe.gate.weight for b in model.blocks]
+
+    def grads_of(loss):
+        return torch.autograd.grad(loss, gate)
+
+    model(idx)
+    whole = model.auxiliary_loss()
+    whole_grads = grads_of(whole)
+
+    shards = []
+    for part in (idx[0::2], idx[1::2]):
+        model(part)
+        shards.append((model.auxiliary_loss(), [(b.moe.last_counts.clone(), b.moe.last_probs_sum,
+                                                 b.moe.last_tokens) for b in model.blocks]))
+    # what the all-reduce gives every rank: the counts and token numbers summed over both
+    summed = torch.stack([torch.cat([torch.cat([c.double(), c.new_tensor([n]).double()])
+                                     for c, _, n in stats]) for _, stats in shards]).sum(0)
+    rank_losses, rank_grads = [], []
+    for _, stats in shards:
+        for block, (c, p, n) in zip(model.blocks, stats):
+            block.moe.last_counts, block.moe.last_probs_sum, block.moe.last_tokens = c, p, n
+        loss = model.auxiliary_loss(lambda t: summed.clone(), world=2)
+        rank_losses.append(loss)
+        rank_grads.append(grads_of(loss))
+    assert ((rank_losses[0] + rank_losses[1]) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+    for g0, g1, g in zip(*rank_grads, whole_grads):
+        torch.testing.assert_close((g0 + g1) / 2, g, rtol=1e-5, atol=1e-8)
+    per_shard = ((shards[0][0] + shards[1][0]) / 2).item()
+    assert abs(per_shard - whole.item()) > 1e-6 * whole.item()   # the defect this guards against
+
+
 def test_gradients_reach_every_parameter_and_are_finite():
     model = tiny(num_experts=3, top_k=2, bk_heads=2, dropout=0.0, analytic_gradient=True).train()
     idx = tokens(batch=4)

@@ -110,6 +110,11 @@ class _Progress:
     contention: dict[str, Any] = field(default_factory=dict)  # ContentionMonitor.state()
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
 def init_distributed(device_name: str = "auto") -> bool:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed.
 
@@ -514,8 +519,9 @@ class Trainer:
 
         ``cross_entropy_sum`` is the summed NLL of this rank's targets; the loss scales it by
         world / global tokens because DDP averages gradients over ranks, so the average is the
-        global mean. Every other term (MoE balance, the flags' loss terms) is added to the loss as it is. The FLOP
-        measurement calls this same function.
+        global mean. The MoE balance loss is that of the global batch (its routing counts are
+        summed over the ranks). The flags' loss terms are added as each rank computes them on
+        its shard. The FLOP measurement calls this same function (on every rank).
         """
         global_tokens = self.config.batch_size * self.config.n_seq
         with self.flags.autocast(self.device):
@@ -523,7 +529,8 @@ class Trainer:
             ce_sum = target_nll(self.model, inputs, targets, call=self.ddp_model)
         terms = {"cross_entropy_sum": ce_sum}
         loss = ce_sum * (self.world / global_tokens)
-        aux = self.model.auxiliary_loss()
+        aux = (self.model.auxiliary_loss(_sum_over_ranks, self.world) if self.distributed
+               else self.model.auxiliary_loss())
         if aux is not None:
             terms["moe_balance"] = aux
             loss = loss + aux

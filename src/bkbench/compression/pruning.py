@@ -141,7 +141,7 @@ def remove_experts(moe: nn.Module, keep: list[int], optimizer=None) -> list[nn.P
             gate.bias.grad = None
     gate.out_features = len(keep)
     moe.num_experts = len(keep)
-    moe.last_counts = moe.last_indices = moe.last_aux_loss = None
+    moe.last_counts = moe.last_indices = moe.last_aux_loss = moe.last_probs_sum = None
     if optimizer is not None:
         gone = {id(p) for p in removed}
         for group in optimizer.param_groups:

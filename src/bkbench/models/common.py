@@ -41,8 +41,10 @@ class LanguageModel(nn.Module):
         h = self.features(idx)
         return h if return_features else self.lm_head(h)
 
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """Extra training loss produced by the last forward pass (None if the model has none)."""
+    def auxiliary_loss(self, sum_over_ranks=None, world: int = 1) -> torch.Tensor | None:
+        """Extra training loss produced by the last forward pass (None if the model has none).
+        Under DDP the trainer passes ``sum_over_ranks`` and ``world`` so that a loss made of
+        batch statistics is that of the global batch (see ResNetBKLM.auxiliary_loss)."""
         return None
 
     def component_of(self, name: str) -> str:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -198,6 +199,10 @@ class MoEFeedForward(nn.Module):
         self.last_counts: torch.Tensor | None = None      # (num_experts,) tokens per expert
         self.last_indices: torch.Tensor | None = None     # (tokens, top_k) chosen experts
         self.last_aux_loss: torch.Tensor | None = None
+        # gate probabilities summed over the routed tokens (with grad) and their number, of the
+        # last training forward: with last_counts, a balance loss over several ranks' batches
+        self.last_probs_sum: torch.Tensor | None = None
+        self.last_tokens = 0
 
     def dispatch_plan(self, chosen: torch.Tensor):
         """Index maps between pair order (pair p = token * k + slot) and the padded
@@ -258,12 +263,28 @@ class MoEFeedForward(nn.Module):
 
     def _balance_loss(self, counts: torch.Tensor, probs: torch.Tensor, N: int):
         if not (self.training and self.balance_weight > 0):
+            self.last_probs_sum = None
             return None
+        self.last_probs_sum, self.last_tokens = probs.sum(dim=0), N
         if N == 0:   # no token reached this layer (all halted or exited): nothing to balance
             return probs.sum() * 0.0
         # Switch Transformer: E * sum_e (fraction of routed slots to e) * (mean gate prob of e)
         fraction = counts.to(probs.dtype) / (N * self.top_k)
         return self.balance_weight * counts.numel() * (fraction * probs.mean(dim=0)).sum()
+
+    def global_balance_loss(self, counts: torch.Tensor, tokens: float, world: int):
+        """This rank's share of the balance loss of the global batch, given the ``counts``
+        and ``tokens`` summed over the ``world`` ranks: E * sum_e f_e * P_e with the global
+        fraction f_e and this rank's gate probabilities over the global token count, times
+        ``world`` because DDP averages the ranks' gradients. The ranks' losses then average to
+        the single-process loss of the whole batch and their gradients to its gradient; the
+        per-rank loss of ``last_aux_loss`` multiplies two means of a shard instead, which
+        differs from the product of the global means."""
+        probs_sum = self.last_probs_sum
+        if tokens == 0:
+            return probs_sum.sum() * 0.0
+        fraction = counts.to(probs_sum.dtype) / (tokens * self.top_k)
+        return (self.balance_weight * counts.numel() * world / tokens) * (fraction * probs_sum).sum()
 
 
 def naive_moe(moe: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
@@ -398,10 +419,31 @@ class ResNetBKLM(LanguageModel):
                 x = block(x)
         return self.ln_f(x)
 
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """MoE load-balancing loss of the last forward, summed over layers (None in eval / weight 0)."""
-        losses = [b.moe.last_aux_loss for b in self.blocks if b.moe.last_aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+    def auxiliary_loss(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       world: int = 1) -> torch.Tensor | None:
+        """MoE load-balancing loss of the last forward, summed over layers (None in eval / weight 0).
+
+        Under DDP pass ``sum_over_ranks`` (a tensor's sum over the ``world`` ranks, e.g. an
+        all-reduce): the routing counts of all ranks then enter one global loss, so that several
+        ranks train what one process trains on the whole batch (a loss made of per-shard
+        fractions does not). Every rank must call it, once per training forward."""
+        moes = [b.moe for b in self.blocks if b.moe.last_aux_loss is not None]
+        if not moes:
+            return None
+        if sum_over_ranks is None:
+            return torch.stack([m.last_aux_loss for m in moes]).sum()
+        # one collective for every layer: each layer's counts followed by its token count
+        local = torch.cat([torch.cat([m.last_counts.double(),
+                                      m.last_counts.new_tensor([m.last_tokens]).double()])
+                           for m in moes])
+        summed = sum_over_ranks(local).tolist()
+        losses, at = [], 0
+        for m in moes:
+            E = m.last_counts.numel()
+            counts = m.last_counts.new_tensor(summed[at:at + E])
+            losses.append(m.global_balance_loss(counts, summed[at + E], world))
+            at += E + 1
+        return torch.stack(losses).sum()
 
     def last_routing_counts(self) -> torch.Tensor:
         """(n_layers, num_experts) tokens routed to each expert in the last forward."""
