@@ -127,6 +127,12 @@ def test_sweep_configs_keep_tokens_per_batch_and_reject_bad_sweeps():
         sweep_configs(base, "n_seq", [64], None)
     with pytest.raises(ConfigError):
         sweep_configs(base, "n_seq", [64, 4096], tokens_per_batch=1024)
+    # by default the batch holds the preset's 16 x 64 tokens, or one window of the longest n_seq
+    # (`bkbench scale --preset smoke --n-seq 128,512,2048` exited 2 on 1024 < 2048)
+    out = sweep_configs(base, "n_seq", [128, 512], None)
+    assert [(c.n_seq, c.batch_size) for c in out] == [(128, 8), (512, 2)]
+    out = sweep_configs(base, "n_seq", [128, 512, 2048], None)
+    assert [(c.n_seq, c.batch_size) for c in out] == [(128, 16), (512, 4), (2048, 1)]
     with pytest.raises(ConfigError):
         parse_int_list("64,-1", "--n-seq")
 

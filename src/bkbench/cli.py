@@ -232,7 +232,8 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                            help=f"values of {axis} to sweep (comma-separated)")
     scale.add_argument("--tokens-per-batch", type=int, metavar="T",
                        help="tokens per training batch along an n_seq sweep (batch = T // n_seq; "
-                            "default: the preset's batch_size x n_seq)")
+                            "default: the preset's batch_size x n_seq, or the longest n_seq swept "
+                            "if that is more)")
     scale.add_argument("--vocab-size", type=int, default=13777,
                        help="vocabulary of the measured models (default: %(default)s, the proxy "
                             "scheme's word vocabulary)")

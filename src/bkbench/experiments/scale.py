@@ -169,7 +169,9 @@ def _measure_isolated(config: BenchmarkConfig, vocab_size: int, steps: int, warm
 
 def sweep_configs(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
                   tokens_per_batch: int | None) -> list[BenchmarkConfig]:
-    """One config per (run, value); along n_seq the batch keeps ``tokens_per_batch`` tokens."""
+    """One config per (run, value); along n_seq the batch keeps ``tokens_per_batch`` tokens
+    (default: the run's batch_size x n_seq, or the longest swept n_seq if that is more, so
+    that every point holds at least one window)."""
     if axis not in SWEEP_AXES:
         raise ConfigError(f"scale sweeps one of {', '.join(SWEEP_AXES)}, not {axis!r}")
     if len(values) < 2 or len(set(values)) != len(values):
@@ -178,6 +180,8 @@ def sweep_configs(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[i
     configs = []
     for config in base:
         tpb = tokens_per_batch or config.batch_size * config.n_seq
+        if tokens_per_batch is None and axis == "n_seq":
+            tpb = max(tpb, max(values))
         for value in values:
             changes: dict[str, Any] = {axis: int(value)}
             if axis == "n_seq":
