@@ -299,3 +299,32 @@ def test_experiment_commands_refuse_bad_arguments_with_exit_2(args, message, tmp
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not out_dir.exists(), "nothing may be written when the input is bad"
+
+
+def test_report_of_an_ablation_folder_holds_the_table_with_p_values(tmp_path):
+    from bkbench.atomic import write_json_atomic
+    from bkbench.experiments.ablate import ablation_rows, build_table, plot_ablation
+    from bkbench.report import build_report
+    base = build_run_configs("smoke", models=["resnet_bk_baseline"])[0]
+    rows = dict(list(ablation_rows(base).items())[:2])
+    names = list(rows)
+    ppl = {names[0]: [60.0, 61.0], names[1]: [70.0, 71.5]}
+    results = {f"{n}-seed{s}": _results(f"{n}-seed{s}", s, ppl[n][i], 5000.0 + i)
+               for n in names for i, s in enumerate((1, 2))}
+    for r in results.values():
+        r.peak_memory_mb = 100.0
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    table = build_table(rows, results, seeds=[1, 2])
+    write_json_atomic(tmp_path / "ablation.json", table)
+    plot_ablation(table, tmp_path / "ablation.png")
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Ablation"):]
+    want = stats.ttest_ind(ppl[names[1]], ppl[names[0]], equal_var=False).pvalue
+    assert f"p = {want:.3g}" in section and "| bk-baseline | none | 60.50 ± " in section
+    assert "](ablation.png)" in section
+    assert "Test perplexity: ." not in md          # no empty sentence without benchmark runs
+    page = (tmp_path / "report.html").read_text()
+    img = page[page.index("<h2>Ablation"):]
+    img = img[img.index("<img"):]
+    assert img.startswith('<img src="data:image/png;base64,')   # embedded, not a link

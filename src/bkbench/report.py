@@ -1118,7 +1118,8 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
         if causal_verdict(r) is False:
             text += " **NOT CAUSAL**"
         ppl.append(text)
-    lines.append("Test perplexity: " + "; ".join(ppl) + ".")
+    if ppl:  # a folder of seed repeats alone has its means below instead
+        lines.append("Test perplexity: " + "; ".join(ppl) + ".")
     seeded = {n: s for n, a in aggregates.items() if (s := _seed_summary(a, "test_perplexity"))}
     if seeded:
         ref = seeded.get(BASELINE)
@@ -1208,7 +1209,9 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     """From the results files of ``results_dir`` alone, write the seed's comparisons
     (``comparison_<a>_vs_<b>.json``), the plots, report.md and report.html; return their paths.
     """
-    from .experiments.report_sections import budget_section, scale_section, seeds_section
+    from .experiments.ablate import load_ablation
+    from .experiments.report_sections import (ablation_section, budget_section, scale_section,
+                                              seeds_section)
     from .experiments.scale import load_scale
     from .experiments.seeds import write_aggregates
 
@@ -1231,6 +1234,7 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     seeds_section(doc, seed_info)
     budget_section(doc, results)
     scale_images = [folder / n for n in scale_section(doc, scale)]
+    scale_images += [folder / n for n in ablation_section(doc, load_ablation(folder))]
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_bytes_atomic(md_path, doc.markdown().encode("utf-8"))
     images = {p.name: p.read_bytes() for p in [*paths.values(), *scale_images] if p.is_file()}

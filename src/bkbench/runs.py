@@ -156,8 +156,11 @@ def grouped_pairs(groups: list[dict[str, Any]], seed_pairs: Iterable[tuple[str, 
                 continue
             others = [n for n in names if n != name]
             if others:
-                why = (f"it shares its setup with {', '.join(others)}, none of which the "
-                       "benchmark compares it with")
+                # an ablation folder holds dozens of rows of one setup: name a few, count the rest
+                named = ", ".join(others[:3]) + (f" and {len(others) - 3} more"
+                                                 if len(others) > 3 else "")
+                why = (f"it shares its setup with {named}, none of which the benchmark "
+                       "compares it with")
             elif group is main:
                 why = "no other run has its setup"
             else:

@@ -33,7 +33,8 @@ from .stats import summarize, welch_difference_ci, welch_test
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ablation_rows", "run_ablation", "build_table", "applicable_flags", "ABLATION_FILE"]
+__all__ = ["ablation_rows", "run_ablation", "build_table", "applicable_flags", "format_table",
+           "load_ablation", "table_rows", "table_notes", "ABLATION_FILE"]
 
 ABLATION_FILE = "ablation.json"
 BASELINE_ROW = "bk-baseline"
@@ -197,20 +198,27 @@ def _mean_ci(s: dict[str, Any], spec: str) -> str:
     return f"{format(s['mean'], spec)} ± {format(s['ci_high'] - s['mean'], spec)}"
 
 
-def format_table(table: dict[str, Any]) -> str:
-    """The ablation table as Markdown."""
-    lines = ["# ResNet-BK ablation", ""]
+ABLATION_HEADERS = ["row", "flags", "test ppl", "Δ vs baseline", "FLOPs/step", "tokens/s",
+                    "peak mem (MiB)", "size (MiB)"]
+
+
+def table_notes(table: dict[str, Any]) -> list[str]:
+    """The paragraphs that go above the table (proxy label, what the columns mean)."""
+    notes = []
     if table.get("split_scheme") == "proxy":
-        lines += ["**PROXY split scheme**: not comparable to official WikiText-2 numbers.", ""]
-    lines += [f"Seeds: {', '.join(map(str, table['seeds']))}. Mean ± half-width of the 95% "
-              "interval over seeds; Δ is the difference of test perplexity from the baseline "
-              "with its Welch interval and Welch's t-test p-value (two-sided; not significant "
-              f"at p >= {SIGNIFICANCE}).", ""]
+        notes.append("**PROXY split scheme**: not comparable to official WikiText-2 numbers.")
+    notes.append(f"Seeds: {', '.join(map(str, table['seeds']))}. Mean ± half-width of the 95% "
+                 "interval over seeds; Δ is the difference of test perplexity from the baseline "
+                 "with its Welch interval and Welch's t-test p-value (two-sided; not significant "
+                 f"at p >= {SIGNIFICANCE}).")
     if table.get("timing_note"):
-        lines += [f"Note: {table['timing_note']}.", ""]
-    head = ["row", "flags", "test ppl", "Δ vs baseline", "FLOPs/step", "tokens/s",
-            "peak mem (MiB)", "size (MiB)"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes.append(f"Note: {table['timing_note']}.")
+    return notes
+
+
+def table_rows(table: dict[str, Any]) -> list[list[str]]:
+    """One list of cells per row, in the order of ABLATION_HEADERS."""
+    rows = []
     for r in table["rows"]:
         d = r["delta_vs_baseline"]
         delta = f"{d['delta']:+.2f} ({100 * d['relative']:+.2f}%)"
@@ -219,12 +227,33 @@ def format_table(table: dict[str, Any]) -> str:
         p = (r.get("welch_vs_baseline") or {}).get("test_perplexity", {}).get("p_value")
         if p is not None:
             delta += f", p = {p:.3g}" + ("" if p < SIGNIFICANCE else " (not significant)")
-        lines.append("| " + " | ".join([
+        rows.append([
             r["row"], ", ".join(f.removeprefix("use_") for f in r["flags"]) or "none",
             _mean_ci(r["test_perplexity"], ".2f"), delta,
             f"{r['step_flops']['mean']:.3e}", _mean_ci(r["tokens_per_second"], ",.0f"),
-            _mean_ci(r["peak_memory_mb"], ",.1f"), f"{r['model_size_mb']['mean']:.2f}"]) + " |")
+            _mean_ci(r["peak_memory_mb"], ",.1f"), f"{r['model_size_mb']['mean']:.2f}"])
+    return rows
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The ablation table as Markdown."""
+    lines = ["# ResNet-BK ablation", ""]
+    for note in table_notes(table):
+        lines += [note, ""]
+    lines += ["| " + " | ".join(ABLATION_HEADERS) + " |", "|" + "---|" * len(ABLATION_HEADERS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(table)]
     return "\n".join(lines) + "\n"
+
+
+def load_ablation(results_dir: str | Path) -> dict[str, Any] | None:
+    """The ablation table of a results folder, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads((Path(results_dir) / ABLATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        return None
+    return data
 
 
 def plot_ablation(table: dict[str, Any], path: Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .ablate import ABLATION_HEADERS, table_notes, table_rows
 from .scale import METRICS
 from .seeds import SIGNIFICANCE
 
@@ -104,3 +105,17 @@ def budget_section(doc, results: dict[str, Any]) -> None:
         rows.append([n, budget, f"{r.steps:,}", _num(r.total_flops, ".3e"),
                      _num(r.training_time, ".1f"), _num(r.test_perplexity, ".2f")])
     doc.table(["run", "budget", "steps", "training FLOPs", "training time (s)", "test ppl"], rows)
+
+
+def ablation_section(doc, table: dict[str, Any] | None) -> list[str]:
+    """Append the ablation table (``bkbench ablate``); return the plot file names it references."""
+    if not table:
+        return []
+    doc.h(2, "Ablation")
+    doc.p("The ResNet-BK baseline, each flag alone and all flags together, with the same setup "
+          "and seeds (`bkbench ablate`; `ablation.json` holds every value).")
+    for note in table_notes(table):
+        doc.p(note)
+    doc.table(ABLATION_HEADERS, table_rows(table))
+    doc.image("ablation.png", "test perplexity difference from the baseline per row")
+    return ["ablation.png"]
