@@ -60,6 +60,15 @@ def test_power_law_fit_recovers_a_known_exponent(exponent):
     assert fit.r_squared > 0.99 or exponent == 0.0
     with pytest.raises(ValueError):
         fit_power_law([1.0], [2.0])
+
+
+def test_power_law_fit_of_a_constant_up_to_rounding_is_flat_with_r2_one():
+    # mixer FLOPs per token of the smoke sweep: 1821 at every N, but 1821/x*x rounding gave
+    # an R^2 of -3.0 (two rounding residues divided)
+    xs = [128.0, 512.0, 2048.0]
+    for ys in ([1821.0] * 3, [1821.0, float(np.nextafter(1821.0, 2e3)), 1821.0]):
+        fit = fit_power_law(xs, ys)                   # the old formula: R^2 -3.0 and -5.0
+        assert fit.exponent == pytest.approx(0.0, abs=1e-12) and fit.r_squared == 1.0
     with pytest.raises(ValueError):
         fit_power_law([1.0, 2.0], [0.0, 1.0])
 

@@ -104,7 +104,10 @@ def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> PowerLawFit:
     residual = ly - (p * lx + logc)
     total = ly - ly.mean()
     ss_tot = float(total @ total)
-    r2 = 1.0 - float(residual @ residual) / ss_tot if ss_tot > 0 else 1.0
+    # y constant to rounding (a FLOP count per token that does not change with N): there is no
+    # spread to explain, and the ratio of two rounding residues would be a meaningless R^2
+    flat = float(np.ptp(ly)) <= 1e-9
+    r2 = 1.0 if flat or ss_tot == 0 else 1.0 - float(residual @ residual) / ss_tot
     return PowerLawFit(float(p), float(math.exp(logc)), r2, int(x.size))
 
 
