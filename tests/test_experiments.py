@@ -171,7 +171,7 @@ def _tiny(**changes):
     from bkbench.config import BenchmarkConfig
     base = dict(model_name="transformer_t", d_model=16, n_layers=1, n_heads=2, n_seq=16,
                 batch_size=8, epochs=3, lr=3e-3, warmup_steps=0, eval_batch_size=16, seed=3)
-    return BenchmarkConfig(**{**base, **changes}).validate()
+    return BenchmarkConfig.from_dict({**base, **changes}).validate()
 
 
 def _train(config, corpus):
@@ -337,3 +337,35 @@ def test_report_of_an_ablation_folder_holds_the_table_with_p_values(tmp_path):
     img = page[page.index("<h2>Ablation"):]
     img = img[img.index("<img"):]
     assert img.startswith('<img src="data:image/png;base64,')   # embedded, not a link
+
+
+def test_flop_budget_counts_the_scoring_passes_of_active_learning(tiny_corpus):
+    """budget_flops is what total_flops reports: steps and data-selection passes. A run with
+    active learning counted its scoring passes on top of the budget (smoke, resnet_bk_full,
+    budget 2e9: 6 steps of 3.05e8 plus 4.03e8 of selection = 2.23e9)."""
+    import torch
+
+    from bkbench.flags import build_model
+    from bkbench.train import Trainer, seed_everything
+
+    def train(config):
+        seed_everything(config.seed)
+        model, flags = build_model(config, len(tiny_corpus.vocab))
+        trainer = Trainer(config, model, tiny_corpus, torch.device("cpu"), progress=False,
+                          flags=flags)
+        return trainer, trainer.fit()
+
+    active = dict(use_active_learning=True, active_learning_fraction=0.5, active_learning_every=2)
+    probe, _ = train(_tiny(max_steps=1, budget_flops=1e15, **active))
+    step = probe.budget_step_flops
+    budget = 9.5 * step
+    trainer, out = train(_tiny(budget_flops=budget, **active))
+    flag = trainer.flags.flags["use_active_learning"]
+    selection = flag.selection_flops()
+    assert trainer.total_steps == 9 and flag.passes > 0 and selection > 0
+    spent = out.steps * step + selection
+    assert spent <= budget                     # the scoring passes count against the budget
+    # and it stopped only because the next step, with the passes its batch needs, did not fit
+    p = trainer.progress
+    nxt = step + flag.next_selection_flops(p.epoch, p.batch_in_epoch)
+    assert out.steps < 9 and spent + nxt > budget

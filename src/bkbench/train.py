@@ -361,6 +361,27 @@ class Trainer:
             spent = bool(flag.item())
         return spent
 
+    def _budget_spent(self) -> str | None:
+        """Why no further step may start (a budget is used up), or None.
+
+        The FLOP budget counts the training steps and the data-selection flags' scoring passes
+        (active learning), as the results' ``total_flops`` does: the step plan divides the
+        budget by one step's FLOPs, and a run whose selection passes eat into the budget
+        stops before the step (with the scoring passes its batch needs) that would overrun it
+        (the learning-rate schedule keeps the plan, as with ``budget_seconds``). Selection FLOPs
+        are the same on every rank."""
+        if self._time_budget_spent():
+            return f"time budget of {self.config.budget_seconds:.1f} s reached"
+        if self.config.budget_flops is not None:
+            p = self.progress
+            spent = p.step * self.budget_step_flops + self.flags.selection_flops()
+            upcoming = self.budget_step_flops + self.flags.next_selection_flops(p.epoch,
+                                                                                 p.batch_in_epoch)
+            if spent + upcoming > self.config.budget_flops:
+                return (f"FLOP budget of {self.config.budget_flops:.3g} reached ({spent:.3g} "
+                        "counted FLOPs spent, data selection included)")
+        return None
+
     # --- data ----------------------------------------------------------------------------
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -619,15 +640,14 @@ class Trainer:
                                       self.progress_interval)
         try:
             while p.step < self.total_steps:
-                if self._time_budget_spent():
-                    log.info("%s: time budget of %.1f s reached at step %d", cfg.model_name,
-                             cfg.budget_seconds, p.step)
+                if (why := self._budget_spent()) is not None:
+                    log.info("%s: %s at step %d", cfg.model_name, why, p.step)
                     break
                 order = self.epoch_order(p.epoch)
                 steps_this_epoch = min(self.steps_per_epoch,
                                        self.total_steps - p.epoch * self.steps_per_epoch)
                 while p.batch_in_epoch < steps_this_epoch:
-                    if self._time_budget_spent():
+                    if self._budget_spent() is not None:
                         break
                     if self._stop_agreed(stop):
                         self._interrupted(stop["signal"] or signal.SIGTERM)

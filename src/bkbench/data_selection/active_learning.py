@@ -183,6 +183,12 @@ class ActiveLearning(Flag):
     def selection_flops(self) -> int:
         return self.passes * (self.per_pass_flops or 0)
 
+    def next_selection_flops(self, epoch: int, index: int) -> int:
+        # a batch that opens a round scores its pool first (batch_windows)
+        if self.round_key == (epoch, index // self.settings.every) and self.round_windows is not None:
+            return 0
+        return self.settings.pool_batches() * (self.per_pass_flops or 0)
+
     def record(self, trainer, outcome) -> dict[str, Any]:
         from ..metrics.flops import measure_step_flops
         step = measure_step_flops(trainer.model, self.config.batch_size, self.config.n_seq,

@@ -55,6 +55,14 @@ class Flag:
                    step: int) -> dict[str, torch.Tensor]:
         return {}
 
+    def selection_flops(self) -> int:
+        """Counted FLOPs spent so far choosing training data (model forwards outside the steps)."""
+        return 0
+
+    def next_selection_flops(self, epoch: int, index: int) -> int:
+        """Counted FLOPs that fetching batch ``index`` of ``epoch`` will spend choosing data."""
+        return 0
+
     def after_optimizer_step(self, trainer: "Trainer", terms: dict[str, torch.Tensor]) -> None:
         pass
 
@@ -130,6 +138,12 @@ class FlagSet:
                     raise RuntimeError(f"two flags produce a loss term named {key!r}")
                 terms[key] = value
         return terms
+
+    def selection_flops(self) -> int:
+        return sum(flag.selection_flops() for flag in self.flags.values())
+
+    def next_selection_flops(self, epoch: int, index: int) -> int:
+        return sum(flag.next_selection_flops(epoch, index) for flag in self.flags.values())
 
     def after_optimizer_step(self, trainer, terms) -> None:
         for flag in self.flags.values():
