@@ -323,3 +323,5 @@ def test_summary_opens_the_report_with_the_numbers_and_seed_intervals(tmp_path):
     assert "`transformer_baseline` 102.00 (n = 3, 95% CI" in summary
     assert "`resnet_bk_full` 122.40 (n = 3, 95% CI" in summary and "1.20x" in summary
     assert "-seed1" not in summary
+    # each run once: no single-number line that names the seed means without their intervals
+    assert "Test perplexity:" not in summary and "(seed mean)" not in summary

@@ -1111,14 +1111,16 @@ def _summary_section(doc: _Doc, results: dict[str, BenchmarkResults], claims: li
     # perplexity, with the interval over seeds where repeated seeds were aggregated
     ppl = []
     for n, r in results.items():
-        text = f"`{n}` {_f(r.test_perplexity)}" + (" (seed mean)" if n in aggregates else "")
+        if n in aggregates:   # a run of repeated seeds: its mean and interval follow below
+            continue
+        text = f"`{n}` {_f(r.test_perplexity)}"
         if tf is not None and r is not tf:
             ratio = _div(r.test_perplexity, tf.test_perplexity)
             text += f" ({_ratio_text(ratio, _OF_TF)})"
         if causal_verdict(r) is False:
             text += " **NOT CAUSAL**"
         ppl.append(text)
-    if ppl:  # a folder of seed repeats alone has its means below instead
+    if ppl:  # a folder of seed repeats alone has only the means below
         lines.append("Test perplexity: " + "; ".join(ppl) + ".")
     seeded = {n: s for n, a in aggregates.items() if (s := _seed_summary(a, "test_perplexity"))}
     if seeded:
