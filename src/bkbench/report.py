@@ -1235,11 +1235,11 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
                      aggregates=seed_info.get("aggregates"))
     seeds_section(doc, seed_info)
     budget_section(doc, results)
-    scale_images = [folder / n for n in scale_section(doc, scale)]
-    scale_images += [folder / n for n in ablation_section(doc, load_ablation(folder))]
+    section_images = [folder / n for n in (*scale_section(doc, scale),
+                                           *ablation_section(doc, load_ablation(folder)))]
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_bytes_atomic(md_path, doc.markdown().encode("utf-8"))
-    images = {p.name: p.read_bytes() for p in [*paths.values(), *scale_images] if p.is_file()}
+    images = {p.name: p.read_bytes() for p in [*paths.values(), *section_images] if p.is_file()}
     write_bytes_atomic(html_path, doc.html(images, "bkbench WikiText-2 report").encode("utf-8"))
     paths["report_md"] = md_path
     paths["report_html"] = html_path
