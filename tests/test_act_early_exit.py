@@ -186,9 +186,9 @@ def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
     t = trainer(cfg, corpus, run_dir=tmp_path / "cut")
     hook = t.flags.after_optimizer_step
 
-    def interrupt_at_step_5(trainer_, terms):
-        hook(trainer_, terms)
-        if trainer_.progress.step + 1 == 5:
+    def interrupt_at_step_5(run, terms):
+        hook(run, terms)
+        if run.progress.step + 1 == 5:
             os.kill(os.getpid(), signal.SIGTERM)
     t.flags.after_optimizer_step = interrupt_at_step_5
     with pytest.raises(TrainingInterrupted):
@@ -200,7 +200,7 @@ def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
     assert out.test.total_nll == out_ref.test.total_nll
     for a, b in zip(resumed.model.state_dict().items(), ref.model.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
-    rec_a, rec_b = resumed.flags.record(resumed, out), ref.flags.record(ref, out_ref)
+    rec_a, rec_b = resumed.flags.record(resumed.context, out), ref.flags.record(ref.context, out_ref)
     assert rec_a["use_act"]["measured"]["train_per_epoch"] == rec_b["use_act"]["measured"]["train_per_epoch"]
     assert (rec_a["use_early_exit"]["measured"]["exits_term_per_epoch"]
             == rec_b["use_early_exit"]["measured"]["exits_term_per_epoch"])
@@ -209,7 +209,7 @@ def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
 def test_smoke_run_records_what_the_flags_measured(tmp_path):
     t = trainer(config(use_act=True, use_early_exit=True), run_dir=tmp_path)
     outcome = t.fit()
-    rec = t.flags.record(t, outcome)
+    rec = t.flags.record(t.context, outcome)
     act = rec["use_act"]["measured"]
     assert act["train_last_epoch"]["tokens"] == 6 * 8 * N
     assert 1 <= act["train_last_epoch"]["mean_layers_used"] <= L
@@ -222,7 +222,8 @@ def test_smoke_run_records_what_the_flags_measured(tmp_path):
     sweep = {s["threshold"]: s for s in ee["sweep"]}
     assert set(sweep) == {0.0, 0.05, "no exit"}
     assert sweep[0.0]["mean_exit_layer"] == 1.0 and sweep["no exit"]["mean_exit_layer"] == L
-    assert all(s["eval_seconds"] > 0 and s["perplexity"] > 1 for s in ee["sweep"])
+    assert all(s["forward_seconds"] > 0 and s["forward_seconds_no_exit"] > 0 and s["perplexity"] > 1
+               for s in ee["sweep"])
     # exiting everything after layer 1 skips the later layers' feed-forward: fewer counted FLOPs
     assert sweep[0.0]["forward_flops_per_token"] < sweep["no exit"]["forward_flops_per_token"]
     assert rec["use_early_exit"]["settings"]["threshold"] == 0.9
@@ -246,7 +247,7 @@ def test_with_every_part_1_flag_too_audit_is_causal_and_a_run_records(tmp_path):
         assert audit_causality(fl.prepare_for_eval(model), V, seq_len=N, num_sequences=4).causal
     t = trainer(cfg, run_dir=tmp_path)
     outcome = t.fit()
-    rec = t.flags.record(t, outcome)
+    rec = t.flags.record(t.context, outcome)
     assert set(rec) == set(PART1 + ["use_act", "use_early_exit"])
     assert rec["use_act"]["measured"]["held_out"]["mean_layers_used"] >= 1
     assert rec["use_early_exit"]["measured"]["sweep"]

@@ -81,7 +81,7 @@ def test_competence_schedule_equals_the_formula():
     assert flag.full_steps(t) == 15.0
     assert flag.competence_at(t, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))
     out = t.fit()
-    rec = flag.record(t, out)
+    rec = flag.record(t.context, out)
     for sample in rec["competence_samples"]:
         assert sample["competence"] == pytest.approx(competence(sample["step"] - 1, 0.1, 15.0))
 
@@ -123,8 +123,8 @@ def test_active_learning_trains_on_the_fraction_and_counts_selection_flops():
         if m.training else None)
     score = flag._score
 
-    def spy(trainer_, windows):
-        losses = score(trainer_, windows)
+    def spy(run, windows):
+        losses = score(run, windows)
         scored.append((windows.clone(), losses))
         return losses
     flag._score = spy
@@ -137,7 +137,7 @@ def test_active_learning_trains_on_the_fraction_and_counts_selection_flops():
     flag.batch_windows = spy_batch
     out = t.fit()
     trained_rows = train_rows[0]   # before record(), whose FLOP measurement runs a step too
-    rec = flag.record(t, out)
+    rec = flag.record(t.context, out)
     n_fed = sum(w.numel() for w in fed)
     n_scored = sum(w.numel() for w, _ in scored)
     assert n_fed == trained_rows == out.steps * 8
@@ -165,7 +165,7 @@ def test_other_flags_records_start_no_selection_round():
                  active_learning_every=1, mixed_precision_timing_steps=1)
     t = trainer(cfg)
     out = t.fit()
-    records = t.flags.record(t, out)
+    records = t.flags.record(t.context, out)
     rec = records["use_active_learning"]["measured"]
     assert rec["rounds"] == out.steps
     assert [e["epoch"] for e in rec["epochs"]] == [1, 2]
@@ -196,9 +196,9 @@ def test_kill_and_resume_is_bit_identical(flag, extra, tmp_path):
     t = trainer(cfg, data, run_dir=tmp_path / "cut")
     hook = t.flags.after_optimizer_step
 
-    def interrupt_at_step_7(trainer_, terms):
-        hook(trainer_, terms)
-        if trainer_.progress.step + 1 == 7:
+    def interrupt_at_step_7(run, terms):
+        hook(run, terms)
+        if run.progress.step + 1 == 7:
             os.kill(os.getpid(), signal.SIGTERM)
     t.flags.after_optimizer_step = interrupt_at_step_7
     with pytest.raises(TrainingInterrupted):
@@ -212,8 +212,8 @@ def test_kill_and_resume_is_bit_identical(flag, extra, tmp_path):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
     timing = {"scoring_seconds", "selection_seconds", "selection_seconds_share",
               "validation_curve", "time_to_target", "selection_flops_share"}
-    rec_a = resumed.flags.record(resumed, out)[flag]["measured"]
-    rec_b = ref.flags.record(ref, out_ref)[flag]["measured"]
+    rec_a = resumed.flags.record(resumed.context, out)[flag]["measured"]
+    rec_b = ref.flags.record(ref.context, out_ref)[flag]["measured"]
     assert {k: v for k, v in rec_a.items() if k not in timing} == \
         {k: v for k, v in rec_b.items() if k not in timing}
 
@@ -243,7 +243,7 @@ def test_bad_fraction_exits_2_on_the_command_line(tmp_path, capsys):
 def test_a_tiny_run_records_what_the_flag_did(flag, arch):
     t = trainer(config(arch, **{flag: True}, **{flag[4:] + "_target_perplexity": 1e6}))
     out = t.fit()
-    rec = t.flags.record(t, out)[flag]
+    rec = t.flags.record(t.context, out)[flag]
     assert rec["settings"] and rec["measured"]
     tt = rec["measured"]["time_to_target"]
     # a target every epoch meets: reached at the end of the first epoch

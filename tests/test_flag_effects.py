@@ -143,7 +143,7 @@ def test_pruning_reaches_the_target_sparsity_and_removes_experts(tmp_path):
     params_before = t.model.num_parameters()
     experts_before = [len(b.moe.experts) for b in t.model.blocks]
     outcome = t.fit()
-    rec = t.flags.record(t, outcome)["use_pruning"]["measured"]
+    rec = t.flags.record(t.context, outcome)["use_pruning"]["measured"]
     for name, module in t.flags["use_pruning"].layers.items():
         zeros = (module.weight_mask == 0).sum().item()
         assert zeros == round(0.6 * module.weight_mask.numel()), name
@@ -247,9 +247,9 @@ def test_checkpoint_resume_is_bit_identical_with_all_flags_on(tmp_path):
     t = trainer(cfg, corpus, run_dir=tmp_path / "cut")
     hook = t.flags.after_optimizer_step
 
-    def interrupt_at_step_7(trainer_, terms):
-        hook(trainer_, terms)
-        if trainer_.progress.step + 1 == 7:
+    def interrupt_at_step_7(run, terms):
+        hook(run, terms)
+        if run.progress.step + 1 == 7:
             os.kill(os.getpid(), signal.SIGTERM)
     t.flags.after_optimizer_step = interrupt_at_step_7
     with pytest.raises(TrainingInterrupted):
@@ -262,7 +262,7 @@ def test_checkpoint_resume_is_bit_identical_with_all_flags_on(tmp_path):
     for a, b in zip(resumed.model.state_dict().items(), ref.model.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
     keep = ("use_koopman", "use_physics_informed", "use_pruning")
-    rec_a, rec_b = resumed.flags.record(resumed, out), ref.flags.record(ref, out_ref)
+    rec_a, rec_b = resumed.flags.record(resumed.context, out), ref.flags.record(ref.context, out_ref)
     for name in keep:
         assert rec_a[name] == rec_b[name], name
 

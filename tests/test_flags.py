@@ -73,7 +73,7 @@ def test_analytic_gradient_is_applied_by_the_flag_and_records_timings():
     assert all(b.bk.analytic_gradient for b in on.model.blocks)
     assert not any(b.bk.analytic_gradient for b in off.model.blocks)
     outcome = on.fit()
-    rec = on.flags.record(on, outcome)["use_analytic_gradient"]
+    rec = on.flags.record(on.context, outcome)["use_analytic_gradient"]
     m = rec["measured"]
     assert rec["settings"] == {"timing_repeats": 2}
     assert "adjoint" in m["backward_path"] and m["timed_shape"] == [4, 1, 16]

@@ -232,7 +232,7 @@ def test_counted_forward_flops_fall_with_each_flag():
 def test_training_records_what_each_flag_measured():
     t = trainer(config(use_multi_scale=True, use_sparse_bk=True))
     outcome = t.fit()
-    rec = t.flags.record(t, outcome)
+    rec = t.flags.record(t.context, outcome)
     ms = rec["use_multi_scale"]["measured"]
     assert ms["positions_per_block"] == [16, 8, 8, 16]
     assert ms["forward_flops"]["with"] < ms["forward_flops"]["without"]
@@ -256,9 +256,9 @@ def test_checkpoint_resume_is_bit_identical_with_both_flags_on(tmp_path):
     t = trainer(cfg, corpus, run_dir=tmp_path / "cut")
     hook = t.flags.after_optimizer_step
 
-    def interrupt_at_step_5(trainer_, terms):
-        hook(trainer_, terms)
-        if trainer_.progress.step + 1 == 5:
+    def interrupt_at_step_5(run, terms):
+        hook(run, terms)
+        if run.progress.step + 1 == 5:
             os.kill(os.getpid(), signal.SIGTERM)
     t.flags.after_optimizer_step = interrupt_at_step_5
     with pytest.raises(TrainingInterrupted):
@@ -270,7 +270,7 @@ def test_checkpoint_resume_is_bit_identical_with_both_flags_on(tmp_path):
     assert out.test.total_nll == out_ref.test.total_nll
     for a, b in zip(resumed.model.state_dict().items(), ref.model.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
-    rec_a = resumed.flags.record(resumed, out)["use_sparse_bk"]["measured"]
-    rec_b = ref.flags.record(ref, out_ref)["use_sparse_bk"]["measured"]
+    rec_a = resumed.flags.record(resumed.context, out)["use_sparse_bk"]["measured"]
+    rec_b = ref.flags.record(ref.context, out_ref)["use_sparse_bk"]["measured"]
     for key in ("train", "held_out", "term_per_epoch", "forward_flops"):
         assert rec_a[key] == rec_b[key], key

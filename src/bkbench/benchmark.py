@@ -25,16 +25,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .audit import audit_causality, format_audit
-from .compare import compare_results
-from .config import BenchmarkConfig, ConfigError
+from .audit import CausalityAudit, audit_causality, format_audit
+from .config import BenchmarkConfig
 from .data import load_wikitext2
+from .errors import ConfigError
 from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
-from .metrics.memory import PeakMemory, release_freed_memory
 from .flags import build_model
+from .metrics.memory import PeakMemory, release_freed_memory
 from .results import BenchmarkResults, environment
 from . import runs
-from .train import Trainer, resolve_device, seed_everything
+from .seeding import seed_everything
+from .train import Trainer, TrainOutcome, resolve_device
 from .warmup import WARM_UP_VOCAB, warm_up
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,9 @@ class WikiText2Benchmark:
         device = resolve_device(config.device)
         data = self.load_data(config)
         results_path = self.results_path(config.model_name)
-        if resume and results_path.exists():
-            try:
-                done = BenchmarkResults.load(results_path)
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                log.warning("ignoring malformed results file %s (%s); training the run again",
-                            results_path, exc)
-            else:
-                if not runs.config_changes(done.config, config.to_dict()):
-                    log.info("%s: complete results found at %s, skipping", config.model_name,
-                             results_path)
-                    return done
+        if resume and (done := self._complete_result(config, results_path)) is not None:
+            return done
 
-        vocab_size = len(data.vocab)
         is_main = not dist.is_initialized() or dist.get_rank() == 0
         if is_main:  # the resolved settings, at the head of the run's log
             for line in runs.settings_lines(config.to_dict(), data.to_dict()):
@@ -172,28 +163,62 @@ class WikiText2Benchmark:
         warm_up(self.build(config, WARM_UP_VOCAB)[0], config, device)
         release_freed_memory()
         with PeakMemory(device) as setup_memory:   # build, audit, trainer set-up
-            model, flags = self.build(config, vocab_size)
-            model = model.to(device)
-            with flags.autocast(device):  # the forward as training runs it
-                audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
-            if is_main:
-                log.info("%s causality audit: %s", config.model_name, format_audit(audit))
-            if not audit.causal and not config.allow_noncausal:
-                raise NonCausalModelError(
-                    f"{config.model_name}: the model is not causal (largest change of an earlier "
-                    f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
-                    "not be trained as one. Pass --allow-noncausal to train it anyway (its "
-                    "perplexities are then marked invalid).")
-            fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
-                           "tokenizer": config.tokenizer, "checksums": data.checksums}
-            trainer = Trainer(config, model, data, device,
-                              run_dir=self.run_dir(config.model_name), resume=resume,
-                              data_fingerprint=fingerprint, progress=self.progress,
-                              progress_interval=self.progress_interval, flags=flags)
+            trainer, audit = self._audited_trainer(config, data, device, resume, is_main)
         # the measured window: the training loop, above the baseline taken before the build
         with PeakMemory(device, baseline_bytes=setup_memory.baseline_bytes) as memory:
             outcome = trainer.fit()
+        results = self._results(config, data, trainer, outcome, audit,
+                                _memory_fields(memory, setup_memory), memory.increase_bytes)
+        if is_main:
+            results.save(results_path)
+            log.info("%s: test perplexity %.2f (%d tokens), results in %s", config.model_name,
+                     results.test_perplexity, results.test_tokens, results_path)
+        return results
 
+    def _complete_result(self, config: BenchmarkConfig, path: Path) -> BenchmarkResults | None:
+        """The finished results of this very config at ``path`` (resume skips the run)."""
+        if not path.exists():
+            return None
+        try:
+            done = BenchmarkResults.load(path)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("ignoring malformed results file %s (%s); training the run again",
+                        path, exc)
+            return None
+        if runs.config_changes(done.config, config.to_dict()):
+            return None
+        log.info("%s: complete results found at %s, skipping", config.model_name, path)
+        return done
+
+    def _audited_trainer(self, config: BenchmarkConfig, data, device: torch.device,
+                         resume: bool, is_main: bool) -> tuple[Trainer, CausalityAudit]:
+        """The run's model built with its flags, audited for causality, in its trainer."""
+        vocab_size = len(data.vocab)
+        model, flags = self.build(config, vocab_size)
+        model = model.to(device)
+        with flags.autocast(device):  # the forward as training runs it
+            audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
+        if is_main:
+            log.info("%s causality audit: %s", config.model_name, format_audit(audit))
+        if not audit.causal and not config.allow_noncausal:
+            raise NonCausalModelError(
+                f"{config.model_name}: the model is not causal (largest change of an earlier "
+                f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
+                "not be trained as one. Pass --allow-noncausal to train it anyway (its "
+                "perplexities are then marked invalid).")
+        fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
+                       "tokenizer": config.tokenizer, "checksums": data.checksums}
+        trainer = Trainer(config, model, data, device,
+                          run_dir=self.run_dir(config.model_name), resume=resume,
+                          data_fingerprint=fingerprint, progress=self.progress,
+                          progress_interval=self.progress_interval, flags=flags)
+        return trainer, audit
+
+    def _results(self, config: BenchmarkConfig, data, trainer: Trainer, outcome: TrainOutcome,
+                 audit: CausalityAudit, memory: dict[str, Any],
+                 peak_increase_bytes: int) -> BenchmarkResults:
+        """The results of a finished run: its numbers, FLOPs, flags' records and set-up."""
+        model, device, vocab_size = trainer.model, trainer.device, len(data.vocab)
         step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
                                         device=device, optimizer=trainer.optimizer,
                                         compute_loss=trainer.compute_loss, seed=config.seed)
@@ -201,9 +226,10 @@ class WikiText2Benchmark:
                                            vocab_size, device=device, seed=config.seed)
         evaluated = (outcome.valid.num_tokens * len(outcome.epoch_perplexities)
                      + outcome.test.num_tokens)
-        flag_records = flags.record(trainer, outcome)
-        params = model.num_parameters()
-        results = BenchmarkResults(
+        flag_records = trainer.flags.record(trainer.context, outcome)
+        flops = flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
+                                    eval_tokens=evaluated)
+        return BenchmarkResults(
             model_name=config.model_name,
             config=config.to_dict(),
             final_loss=outcome.test.loss,
@@ -228,27 +254,20 @@ class WikiText2Benchmark:
             eval_time=outcome.eval_time,
             checkpoint_time=outcome.checkpoint_time,
             checkpoints_written=outcome.checkpoints_written,
-            num_parameters=params,
+            num_parameters=model.num_parameters(),
             parameter_breakdown=model.parameter_breakdown(),
             model_size_mb=model_size_bytes(model) / 2**20,
             data=data.to_dict(),
-            peak_memory_mb=memory.increase_bytes / 2**20,
-            memory=_memory_fields(memory, setup_memory),
+            peak_memory_mb=peak_increase_bytes / 2**20,
+            memory=memory,
             contention=outcome.contention,
             causality=audit.to_dict(),
             perplexity_valid_for_lm=audit.causal,
             seed=config.seed,
             environment=environment(device),
             flags=flag_records,
-            **_with_selection_flops(flops_result_fields(step_flops, outcome.steps,
-                                                        eval_forward=eval_flops,
-                                                        eval_tokens=evaluated), flag_records),
+            **_with_selection_flops(flops, flag_records),
         )
-        if is_main:
-            results.save(results_path)
-            log.info("%s: test perplexity %.2f (%d tokens), results in %s", config.model_name,
-                     results.test_perplexity, results.test_tokens, results_path)
-        return results
 
     def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,
                 isolate: bool = False, overwrite: bool = False) -> list[BenchmarkResults]:
@@ -282,10 +301,3 @@ class WikiText2Benchmark:
         if code != 0:
             raise RunFailedError(config.model_name, code)
         return BenchmarkResults.load(self.results_path(config.model_name))
-
-    # --- comparisons -----------------------------------------------------------------------
-
-    @staticmethod
-    def compare_results(a: BenchmarkResults, b: BenchmarkResults) -> dict[str, Any]:
-        """Ratios a/b of held-out perplexity, FLOPs, time, memory and size (see bkbench.compare)."""
-        return compare_results(a, b)

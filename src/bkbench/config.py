@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import ConfigError, FlagConfigError
+from .fields import variant_suffix
 from .validation import check_config, check_run_name, load_config_file, short
 
 
@@ -44,10 +46,6 @@ OPTIMIZATION_FLAGS = (
     "use_curriculum",
     "use_active_learning",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field and the fix."""
 
 
 @dataclass
@@ -141,7 +139,7 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         try:
             self.flag_settings = _flags().resolve_settings(self.flag_settings)
-        except _flags().FlagConfigError as exc:
+        except FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
         if self.architecture is None:
             for arch in ARCHITECTURES:
@@ -278,7 +276,7 @@ class BenchmarkConfig:
                               "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
         try:
             _flags().check_flags(self)
-        except _flags().FlagConfigError as exc:
+        except FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
         check_config(self)
         return self
@@ -396,11 +394,9 @@ def build_run_configs(preset: str = "default", file_values: Mapping[str, Any] | 
     Precedence, lowest first: preset, YAML file, command-line overrides; per-run settings
     (the run's architecture and flags) sit between the shared values and the overrides.
     A run whose model size, architecture setting or flag an override changes is named
-    ``<run>-<field><value>...`` (``bkbench.runs.variant_suffix``), or ``<run>-<run_suffix>``
+    ``<run>-<field><value>...`` (``bkbench.fields.variant_suffix``), or ``<run>-<run_suffix>``
     when ``run_suffix`` is given, so that a variant never replaces the original's files.
     """
-    from .runs import variant_suffix
-
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     file_values = dict(file_values or {})

@@ -13,6 +13,9 @@ A config's fields fall into three kinds:
   or a model size, on the command line gives the run a new name (:func:`variant_suffix`), so a
   variant never lands on the original's files.
 
+The kinds, and a variant's name, are recipe knowledge (:mod:`bkbench.fields`, which the config
+uses to name runs); this module groups and guards finished runs by them.
+
 Pure Python (no torch), so that the command line can use it before importing anything heavy.
 """
 
@@ -23,73 +26,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .validation import MAX_RUN_NAME
-
-# dropout is a regulariser of the training, not a size: changing it does not rename a run
-TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens",
-                   "budget_flops", "budget_seconds", "lr", "weight_decay", "grad_clip",
-                   "warmup_steps", "min_lr_ratio", "seed", "eval_stride")
-DATA_FIELDS = ("variant", "split_scheme", "tokenizer")
-# the model sizes both architectures read: a comparison across them is not like for like
-SHARED_MODEL_FIELDS = ("d_model", "n_layers", "n_seq", "tie_weights")
-SETUP_FIELDS = SHARED_MODEL_FIELDS + TRAINING_FIELDS + DATA_FIELDS
-BOOKKEEPING_FIELDS = ("data_dir", "device", "eval_batch_size", "checkpoint_every",
-                      "keep_checkpoints", "tensorboard", "allow_noncausal")
-IDENTITY_FIELDS = ("model_name", "architecture")
-# the model settings only some architectures read; any other model setting (the flags, their
-# own settings) applies to every architecture
-OWN_FIELDS = {
-    "transformer": ("n_heads",),
-    "gla": ("n_heads", "gla_chunk_size", "gla_backend"),
-    "lstm": (),
-    "resnet_bk": ("num_experts", "top_k", "bk_heads", "bk_mode", "v_max", "bk_h0", "bk_t",
-                  "bk_energy", "bk_eps", "moe_balance_weight"),
-}
-
-
-def ignored_by(architecture: str | None) -> set[str]:
-    """Model settings that ``architecture`` does not read (overriding them does not rename its
-    runs, and its settings block leaves them out)."""
-    own = set(OWN_FIELDS.get(architecture, ()))
-    return {f for fields in OWN_FIELDS.values() for f in fields} - own
-
-
-def renames_run(field: str) -> bool:
-    """Whether overriding ``field`` on the command line makes the run a variant of a new name:
-    a model size, an architecture-specific setting or a flag (not the training recipe, the data
-    or bookkeeping, whose changes the overwrite guard and the setup grouping catch)."""
-    return field not in TRAINING_FIELDS + DATA_FIELDS + BOOKKEEPING_FIELDS + IDENTITY_FIELDS
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def variant_suffix(base: Mapping[str, Any], overrides: Mapping[str, Any],
-                   field_order: Iterable[str]) -> str:
-    """``-d_model128-use_koopman`` for the overrides of run-renaming fields that change the
-    run's value in ``base``; empty when none does. Booleans read ``-name`` / ``-no_name``."""
-    parts = []
-    ignored = ignored_by(base.get("architecture"))
-    for name in field_order:
-        if (name not in overrides or not renames_run(name) or name in ignored
-                or overrides[name] == base.get(name)):
-            continue
-        value = overrides[name]
-        if isinstance(value, bool):
-            parts.append(name if value else f"no_{name}")
-        else:
-            parts.append(f"{name}{_format_value(value)}")
-    suffix = "".join(f"-{p}" for p in parts)
-    if len(str(base.get("model_name", ""))) + len(suffix) > MAX_RUN_NAME:
-        # many overrides (e.g. every flag on): a name that still fits the file-name limit,
-        # stable for the same overrides; the results' config lists them all
-        digest = hashlib.sha256(suffix.encode()).hexdigest()[:8]
-        suffix = f"-{len(parts)}changes-{digest}"
-    return suffix
-
+from .errors import ConfigError
+from .fields import (BOOKKEEPING_FIELDS, DATA_FIELDS, IDENTITY_FIELDS, SETUP_FIELDS,
+                     SHARED_MODEL_FIELDS, TRAINING_FIELDS, format_value, ignored_by,
+                     renames_run, variant_suffix)
 
 # --- setups ---------------------------------------------------------------------------------
 
@@ -197,7 +137,6 @@ def check_can_write(output_dir: str | Path, config: Mapping[str, Any], resume: b
     With ``resume`` a finished result of the same config is kept (the run is skipped) and
     checkpoints are continued; a finished result of another config is refused all the same.
     """
-    from .config import ConfigError
 
     if overwrite:
         return
@@ -238,7 +177,7 @@ def _stored_config(path: Path) -> dict[str, Any] | None:
 def settings_lines(config: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> list[str]:
     """The resolved settings of a run, a few lines of ``field=value`` by kind."""
     def join(keys):
-        return " ".join(f"{k}={_format_value(config.get(k))}" for k in keys)
+        return " ".join(f"{k}={format_value(config.get(k))}" for k in keys)
 
     setup = setup_of(config, data)
     flags = [k for k in config if k.startswith("use_") and config[k]]

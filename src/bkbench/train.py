@@ -35,11 +35,14 @@ import torch.nn as nn
 
 from .checkpoint import (list_checkpoints, load_latest_checkpoint, remove_checkpoints,
                          save_checkpoint)
-from .config import BenchmarkConfig, ConfigError
+from .config import BenchmarkConfig
+from .errors import ConfigError
 from .eval import EvalResult, evaluate, target_nll
-from .flags import FlagSet
+from .flags import FlagSet, build_model
+from .hooks import RunContext
 from .metrics.contention import ContentionMonitor
 from .models.dropout import dropout_key
+from .seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +143,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -331,6 +328,18 @@ class Trainer:
         self._tb = None
         self._contention: ContentionMonitor | None = None
         self._last_terms: dict[str, float] = {}
+        self.context = self._run_context()
+
+    def _run_context(self) -> RunContext:
+        """What the flags' hooks see of this run (bkbench.hooks)."""
+        return RunContext(
+            model=self.model, optimizer=self.optimizer, device=self.device, data=self.data,
+            progress=self.progress, total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch, num_windows=self.num_windows, world=self.world,
+            evaluate=self.evaluate, sync=self._sync, compute_loss=self.compute_loss,
+            window_batch=self.window_batch, autocast=lambda: self.flags.autocast(self.device),
+            structure_changed=self.model_structure_changed,
+            build_model=lambda: build_model(self.config, self._vocab_size()))
 
     def _steps_in_flop_budget(self, budget: float) -> int:
         """Whole steps whose counted FLOPs (one real step of this model, optimizer included)
@@ -386,12 +395,12 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return self.flags.select_windows(self, epoch, torch.randperm(self.num_windows, generator=g))
+        return self.flags.select_windows(self.context, epoch, torch.randperm(self.num_windows, generator=g))
 
     def batch(self, order: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of global batch ``index`` of an epoch: (inputs, targets)."""
         bs = self.config.batch_size
-        chosen = self.flags.batch_windows(self, self.progress.epoch, order, index)
+        chosen = self.flags.batch_windows(self.context, self.progress.epoch, order, index)
         return self.window_batch(order[index * bs:(index + 1) * bs] if chosen is None else chosen)
 
     def window_batch(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,13 +488,14 @@ class Trainer:
                 f"checkpoint {ckpt.path} belongs to a different run; differences: "
                 + "; ".join(diffs) + ". Use another --output-dir or delete the checkpoint.")
         # before the weights: a flag that changed the model's structure rebuilds it first
-        self.flags.load_state_dict(ckpt.state["flags"], self)
+        self.flags.load_state_dict(ckpt.state["flags"], self.context)
         self.model.load_state_dict(ckpt.model)
         self.best_state = ckpt.best_model
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         _set_rng_state(ckpt.state["rng"])
         self.progress = _Progress(**ckpt.state["progress"])
+        self.context.progress = self.progress
         self.resumed_from_step = self.progress.step
         log.info("resumed %s from %s (step %d)", self.config.model_name, ckpt.path,
                  self.progress.step)
@@ -587,7 +597,7 @@ class Trainer:
                 f"(non-finite gradients in {', '.join(bad[:5]) or 'none found'}); stopping")
         self.optimizer.step()
         self.scheduler.step()
-        self.flags.after_optimizer_step(self, terms)
+        self.flags.after_optimizer_step(self.context, terms)
         self._last_terms = {k: v.detach().item() for k, v in terms.items()
                             if k != "cross_entropy_sum"}
         ce = ce_sum.detach()
@@ -697,7 +707,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         p = self.progress
-        self.flags.on_epoch_end(self)
+        self.flags.on_epoch_end(self.context)
         valid = self._validate(self.data.valid)
         p.epoch_losses.append(p.epoch_loss_sum / max(1, p.epoch_loss_count))
         p.epoch_perplexities.append(valid.perplexity)

@@ -1,6 +1,6 @@
 """Checks of user input that must fail up front, in one line, before any work.
 
-Everything here raises :class:`~bkbench.config.ConfigError` (exit code 2 from the CLI) with a
+Everything here raises :class:`~bkbench.errors.ConfigError` (exit code 2 from the CLI) with a
 message that names the value (capped in length, so that a hostile value cannot flood the
 terminal) and says what to do:
 
@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 MAX_CONFIG_BYTES = 1 << 20   # a config file is a few hundred bytes; a megabyte is generous
 MAX_CONFIG_DEPTH = 8         # runs -> name -> field -> value is depth 3
 MAX_ECHO = 80                # characters of a value echoed in a message
@@ -31,11 +33,6 @@ MAX_RUN_NAME = 100   # run names become file names
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,%d}" % (MAX_RUN_NAME - 1))
 DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 MAX_SEED = 2**32 - 1         # numpy's seed range; torch's generators take it as it is
-
-
-def _config_error():
-    from .config import ConfigError  # config imports this module
-    return ConfigError
 
 
 def short(value: Any, limit: int = MAX_ECHO) -> str:
@@ -83,7 +80,6 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping; ConfigError (one line) for anything else."""
-    ConfigError = _config_error()
     path = Path(path)
     name = short(str(path))
     if not path.exists():
@@ -137,14 +133,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def check_run_name(name: Any) -> None:
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
-        raise _config_error()(
+        raise ConfigError(
             f"model_name {short(name)} must be 1-100 characters of letters, digits and _ . + - "
             "starting with a letter or digit (it names files)")
 
 
 def check_config(config) -> None:
     """Checks beyond the field types: finite numbers, seed and device strings, n_seq >= 2."""
-    ConfigError = _config_error()
     for field, value in config.to_dict().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{field} must be a finite number, got {value}")
@@ -161,7 +156,6 @@ def check_config(config) -> None:
 def check_device(name: str) -> None:
     """The device exists on this machine (before any data is read)."""
     import torch
-    ConfigError = _config_error()
     if not name.startswith("cuda"):
         return
     if not torch.cuda.is_available():
@@ -175,7 +169,6 @@ def check_device(name: str) -> None:
 def check_output_dir(path: str | Path) -> Path:
     """Prove that the output folder can be created and written in, creating nothing: a probe
     file if it exists, else the permissions of its nearest existing parent."""
-    ConfigError = _config_error()
     if str(path) == "":
         raise ConfigError("--output-dir is empty; give a folder")
     path = Path(path)
@@ -225,7 +218,6 @@ def check_model_size(config, vocab_size: int, device) -> int:
     import torch
 
     from .models import build_model
-    ConfigError = _config_error()
     try:
         with torch.device("meta"):
             model = build_model(config.architecture, vocab_size, **config.model_kwargs())

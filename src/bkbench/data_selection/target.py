@@ -42,8 +42,7 @@ def time_to_target(curve: Sequence[dict[str, Any]], target: float | None) -> dic
             "seconds": None}
 
 
-def curve_of(trainer, outcome) -> list[dict[str, Any]]:
-    """The validation curve of a finished training run."""
-    cfg = trainer.config
-    return validation_curve(outcome.epoch_perplexities, outcome.epoch_times,
-                            trainer.steps_per_epoch, outcome.steps, cfg.batch_size * cfg.n_seq)
+def curve_of(outcome: Any, steps_per_epoch: int, tokens_per_step: int) -> list[dict[str, Any]]:
+    """The validation curve of a finished training run (its ``TrainOutcome``)."""
+    return validation_curve(outcome.epoch_perplexities, outcome.epoch_times, steps_per_epoch,
+                            outcome.steps, tokens_per_step)

@@ -1,23 +1,15 @@
-"""Optimisation flags: the registry, the trainer hooks, and the flags that are not model layers.
+"""Optimisation flags: the registry, the set of active flags, and one module per flag.
 
 ``bkbench.flags.registry.REGISTRY`` lists every implemented flag; ``build_model(config,
 vocab_size)`` builds a run's model with its flags applied and returns the :class:`FlagSet`
-the trainer calls.
+the trainer calls. Each flag's policy (its hooks and record) is ``bkbench.flags.<name>``; its
+mechanism lives beside what it changes (``models/layers``, ``objectives``, ``compression``,
+``data_selection``). The hook protocol is :mod:`bkbench.hooks`.
 """
 
-from .base import Flag, FlagSet, build_model
-
-# The registry imports every flag's module, and those import .base (so this package): loaded
-# on first use, importing any one flag module first (e.g. bkbench.compression.quantization)
-# cannot meet a half-initialised module.
-_FROM_REGISTRY = ("REGISTRY", "FlagConfigError", "FlagSpec")
-
-
-def __getattr__(name: str):
-    if name in _FROM_REGISTRY:
-        from . import registry
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from ..errors import FlagConfigError
+from ..hooks import Flag
+from .base import FlagSet, build_model
+from .registry import REGISTRY, FlagSpec
 
 __all__ = ["Flag", "FlagSet", "build_model", "REGISTRY", "FlagSpec", "FlagConfigError"]

@@ -29,7 +29,6 @@ Causality
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import Flag
+from ..hooks import Flag, RunContext
+from ..metrics.with_without import interleaved_medians, synchronize
+from ..models.resnet_bk import bk_mixers
+from ..ops.bk_core import auto_backend, resolvent_diag
 
 
 @dataclass
@@ -51,71 +53,53 @@ class AnalyticGradientSettings:
                              f"{self.timing_repeats}")
 
 
-def _mixers(model: nn.Module) -> list[nn.Module]:
-    from ..models.resnet_bk import BKMixer
-    return [m for m in model.modules() if isinstance(m, BKMixer)]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_bk_core(mixer: nn.Module, batch: int, seq_len: int, analytic: bool, device: torch.device,
                  seed: int = 0) -> tuple[float, float]:
     """(forward s, backward s) of one BK-Core call of ``mixer``'s heads on random potentials."""
-    from ..ops.bk_core import resolvent_diag
     gen = torch.Generator().manual_seed(seed)
     v = (torch.randn(batch, mixer.heads, seq_len, generator=gen) * mixer.v_max / 2).to(device)
     v.requires_grad_(True)
     grad = torch.randn(batch, mixer.heads, seq_len, dtype=torch.complex64, generator=gen).to(device)
     with torch.no_grad():
         t, energy, eps = (p.detach().clone() for p in (mixer.coupling, mixer.energy, mixer.eps()))
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     g = resolvent_diag(v, mixer.h0, t, energy=energy, eps=eps, causal=mixer.causal,
                        analytic_gradient=analytic)
-    _sync(device)
+    synchronize(device)
     mid = time.perf_counter()
     g.backward(grad)
-    _sync(device)
+    synchronize(device)
     return mid - start, time.perf_counter() - mid
 
 
 class AnalyticGradient(Flag):
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        mixers = _mixers(model)
+        mixers = bk_mixers(model)
         if not mixers:
             raise ValueError("use_analytic_gradient: the model has no BK mixer")
         for m in mixers:
             m.analytic_gradient = True
         return model
 
-    def record(self, trainer, outcome) -> dict[str, Any]:
-        from ..ops.bk_core import _auto_backend
-        mixers = _mixers(trainer.model)
-        mixer, device = mixers[0], trainer.device
+    def record(self, run: RunContext, outcome) -> dict[str, Any]:
+        mixers = bk_mixers(run.model)
+        mixer, device = mixers[0], run.device
         cfg = self.config
-        batch = max(1, cfg.batch_size // trainer.world)
-        times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-        for analytic in (True, False):  # warm-up: compile / first-call costs out of the timing
-            time_bk_core(mixer, batch, cfg.n_seq, analytic, device)
-        for r in range(self.settings.timing_repeats):  # interleaved A/B
-            for analytic in (True, False):
-                times[analytic].append(time_bk_core(mixer, batch, cfg.n_seq, analytic, device,
-                                                    seed=r))
-        med = {a: (statistics.median(x[0] for x in ts), statistics.median(x[1] for x in ts))
-               for a, ts in times.items()}
-        backend = _auto_backend(torch.device(device))
+        batch = max(1, cfg.batch_size // run.world)
+        calls = {analytic: (lambda a=analytic: time_bk_core(mixer, batch, cfg.n_seq, a, device))
+                 for analytic in (True, False)}
+        timed = interleaved_medians(calls[True], calls[False], self.settings.timing_repeats)
+        (fwd_a, bwd_a), (fwd_b, bwd_b) = timed["with"], timed["without"]
         return {
-            "backward_path": f"exact adjoint sweep, compiled backend {backend!r} "
+            "backward_path": f"exact adjoint sweep, compiled backend {auto_backend(device)!r} "
                              "(bkbench.ops.bk_core)",
             "backward_path_without": "autograd through the vectorised torch recurrence",
             "mixers_switched": len(mixers),
             "timed_shape": [batch, mixer.heads, cfg.n_seq],
-            "timing": f"median of {self.settings.timing_repeats} interleaved calls per path, "
-                      "one BK-Core call (one layer), after the run, on its device",
-            "bk_core_backward_ms": {"analytic": med[True][1] * 1e3, "autograd": med[False][1] * 1e3},
-            "bk_core_forward_ms": {"analytic": med[True][0] * 1e3, "autograd": med[False][0] * 1e3},
-            "backward_speedup": med[False][1] / med[True][1] if med[True][1] > 0 else None,
+            "timing": "one BK-Core call (one layer) on random potentials of the run's shapes, "
+                      f"after the run, on its device; {timed['how']}",
+            "bk_core_backward_ms": {"analytic": bwd_a * 1e3, "autograd": bwd_b * 1e3},
+            "bk_core_forward_ms": {"analytic": fwd_a * 1e3, "autograd": fwd_b * 1e3},
+            "backward_speedup": bwd_b / bwd_a if bwd_a > 0 else None,
         }

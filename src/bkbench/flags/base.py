@@ -1,92 +1,21 @@
-"""The hooks a flag may implement, and the set of active flags the trainer calls.
+"""The set of active flags the trainer calls, and the run's model built with its flags.
 
-The trainer knows no flag by name: it calls a small fixed set of points on a
-:class:`FlagSet`, which calls every active flag in registry order (the pattern of the callback
-lists of Lightning or the HF Trainer). A flag overrides only the points it needs:
-
-==========================  ==================================================================
-``wrap_model(model)``       once, right after the model is built and before the causality
-                            audit, the optimizer and DDP: swap layers, add masks, attach the
-                            flag's own trainable modules (they then train, checkpoint and move
-                            with the model)
-``autocast_dtype(device)``  the dtype of torch.autocast for training and evaluation forwards
-``loss_terms(...)``         named loss terms of the forward just run, added to the loss; the
-                            trainer logs every term each step
-``after_optimizer_step``    after each optimizer step (schedules, pruning masks, statistics)
-``on_epoch_end``            after an epoch's last step, before its validation
-``select_windows``          the order of the training windows of an epoch (data selection)
-``batch_windows``           the window ids of one global batch (online selection); None: the
-                            batch's slice of the epoch's order
-``prepare_for_eval(model)`` the model that is evaluated (integer weights, early exits)
-``record(trainer)``         what the flag measured, for ``flags.<name>`` in the results
-``state_dict`` /            the flag's own state in checkpoints, restored *before* the model's
-``load_state_dict``         weights so that a flag that changed the model's structure can
-                            rebuild it first
-==========================  ==================================================================
+The hooks themselves (:class:`~bkbench.hooks.Flag`) and the context they receive
+(:class:`~bkbench.hooks.RunContext`) live in the leaf module :mod:`bkbench.hooks`, which
+the trainer imports as well.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trainer, TrainOutcome
-
-
-class Flag:
-    """Base class of a flag's hooks; every default does nothing."""
-
-    def __init__(self, config, settings):
-        self.config = config
-        self.settings = settings
-
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        return None
-
-    def loss_terms(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                   step: int) -> dict[str, torch.Tensor]:
-        return {}
-
-    def selection_flops(self) -> int:
-        """Counted FLOPs spent so far choosing training data (model forwards outside the steps)."""
-        return 0
-
-    def next_selection_flops(self, epoch: int, index: int) -> int:
-        """Counted FLOPs that fetching batch ``index`` of ``epoch`` will spend choosing data."""
-        return 0
-
-    def after_optimizer_step(self, trainer: "Trainer", terms: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: "Trainer") -> None:
-        pass
-
-    def select_windows(self, trainer: "Trainer", epoch: int, order: torch.Tensor) -> torch.Tensor:
-        return order
-
-    def batch_windows(self, trainer: "Trainer", epoch: int, order: torch.Tensor,
-                      index: int) -> torch.Tensor | None:
-        return None
-
-    def prepare_for_eval(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def record(self, trainer: "Trainer", outcome: "TrainOutcome") -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must record what it measured")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any], trainer: "Trainer") -> None:
-        pass
+from ..hooks import Flag, RunContext
+from . import registry
 
 
 class FlagSet:
@@ -97,7 +26,6 @@ class FlagSet:
 
     @classmethod
     def from_config(cls, config) -> "FlagSet":
-        from . import registry
         flags = {}
         for name in config.enabled_flags():
             spec = registry.spec(name)
@@ -145,24 +73,24 @@ class FlagSet:
     def next_selection_flops(self, epoch: int, index: int) -> int:
         return sum(flag.next_selection_flops(epoch, index) for flag in self.flags.values())
 
-    def after_optimizer_step(self, trainer, terms) -> None:
+    def after_optimizer_step(self, run: RunContext, terms) -> None:
         for flag in self.flags.values():
-            flag.after_optimizer_step(trainer, terms)
+            flag.after_optimizer_step(run, terms)
 
-    def on_epoch_end(self, trainer) -> None:
+    def on_epoch_end(self, run: RunContext) -> None:
         for flag in self.flags.values():
-            flag.on_epoch_end(trainer)
+            flag.on_epoch_end(run)
 
-    def select_windows(self, trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
+    def select_windows(self, run: RunContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
         for flag in self.flags.values():
-            order = flag.select_windows(trainer, epoch, order)
+            order = flag.select_windows(run, epoch, order)
         return order
 
-    def batch_windows(self, trainer, epoch: int, order: torch.Tensor,
+    def batch_windows(self, run: RunContext, epoch: int, order: torch.Tensor,
                       index: int) -> torch.Tensor | None:
         chosen = None
         for name, flag in self.flags.items():
-            windows = flag.batch_windows(trainer, epoch, order, index)
+            windows = flag.batch_windows(run, epoch, order, index)
             if windows is not None:
                 if chosen is not None:
                     raise RuntimeError(f"two flags choose the windows of a batch ({name} and another)")
@@ -174,11 +102,11 @@ class FlagSet:
             model = flag.prepare_for_eval(model)
         return model
 
-    def record(self, trainer, outcome) -> dict[str, dict[str, Any]]:
+    def record(self, run: RunContext, outcome) -> dict[str, dict[str, Any]]:
         """``{flag: {"settings": {...}, "measured": {...}}}`` for every active flag."""
         out = {}
         for name, flag in self.flags.items():
-            measured = flag.record(trainer, outcome)
+            measured = flag.record(run, outcome)
             if not measured:
                 raise RuntimeError(f"{name} is on but recorded nothing (DESIGN: a defect)")
             settings = dataclasses.asdict(flag.settings) if flag.settings is not None else {}
@@ -188,12 +116,12 @@ class FlagSet:
     def state_dict(self) -> dict[str, Any]:
         return {name: flag.state_dict() for name, flag in self.flags.items()}
 
-    def load_state_dict(self, state: dict[str, Any], trainer) -> None:
+    def load_state_dict(self, state: dict[str, Any], run: RunContext) -> None:
         missing = sorted(set(self.flags) - set(state))
         if missing:
             raise ValueError(f"checkpoint has no state for flag(s) {', '.join(missing)}")
         for name, flag in self.flags.items():
-            flag.load_state_dict(state[name], trainer)
+            flag.load_state_dict(state[name], run)
 
 
 def build_model(config, vocab_size: int) -> tuple[nn.Module, FlagSet]:

@@ -20,18 +20,16 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..compression import mixed_precision, pruning, quantization
-from ..data_selection import active_learning, curriculum
-from ..models.layers import act, early_exit, hourglass, sparse_bk
-from ..objectives import koopman, physics_informed
-from . import analytic_gradient
+from ..errors import FlagConfigError
+from . import (act, active_learning, analytic_gradient, curriculum, early_exit, koopman,
+               mixed_precision, multi_scale, physics_informed, pruning, quantization, sparse_bk)
 
 
 @dataclass(frozen=True)
 class FlagSpec:
     """One registered flag.
 
-    ``flag_class`` implements the trainer hooks (:class:`bkbench.flags.base.Flag`);
+    ``flag_class`` implements the trainer hooks (:class:`bkbench.hooks.Flag`);
     ``settings`` is its hyperparameter dataclass (None: the flag has none); ``records`` says
     in a line what it writes under ``flags.<name>`` in the results.
     """
@@ -98,11 +96,11 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "test perplexity with exits and the mean exit layer; a threshold sweep of "
              "perplexity, mean exit layer and eval seconds",
              early_exit.EarlyExitSettings),
-    FlagSpec("use_multi_scale", ("resnet_bk",), hourglass, hourglass.MultiScale,
+    FlagSpec("use_multi_scale", ("resnet_bk",), multi_scale, multi_scale.MultiScale,
              "causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, "
              "which run on N/k positions, then upsample and add the residual",
              "positions per block; counted forward FLOPs and eval time with and without",
-             hourglass.MultiScaleSettings),
+             multi_scale.MultiScaleSettings),
     FlagSpec("use_sparse_bk", ("resnet_bk",), sparse_bk, sparse_bk.SparseBK,
              "learned per-token routing into the BK chain: the BK-Core runs on the shorter "
              "chain of routed tokens only, the others pass through the residual",
@@ -123,10 +121,6 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "validation curve and time to target",
              active_learning.ActiveLearningSettings),
 )}
-
-
-class FlagConfigError(ValueError):
-    """A flag setting or combination that cannot work (re-raised by config as ConfigError)."""
 
 
 def spec(name: str) -> FlagSpec:

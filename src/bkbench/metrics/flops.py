@@ -231,7 +231,7 @@ def _extra_formulas() -> dict:
     return extra
 
 
-def _new_counter() -> FlopCounterMode:
+def new_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
 
 
@@ -874,7 +874,7 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
     """
     device = torch.device(device)
     components = _components(model)
-    counter = _new_counter()
+    counter = new_counter()
     tracker = _ComponentTracker(model)
     census = _Census(counter.flop_registry, tracker)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
@@ -1005,7 +1005,7 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
     split's token count for its evaluation FLOPs.
     """
     device = torch.device(device)
-    counter = _new_counter()
+    counter = new_counter()
     tracker = _ComponentTracker(model)
     census = _Census(counter.flop_registry, tracker)
     with _preserved_state(model, device):

@@ -349,6 +349,11 @@ class BKMixer(nn.Module):
         return self.scale * self.feature_proj(features)
 
 
+def bk_mixers(model: nn.Module) -> list[BKMixer]:
+    """Every BK mixer of ``model`` (subclasses such as the sparse mixer included), in order."""
+    return [m for m in model.modules() if isinstance(m, BKMixer)]
+
+
 class Block(nn.Module):
     """x + dropout(Layer(LN(x))), Layer(h) = MoE(h) + BK(MoE(h))."""
 

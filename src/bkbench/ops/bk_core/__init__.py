@@ -138,7 +138,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
-def _auto_backend(device: torch.device) -> str:
+def auto_backend(device: torch.device) -> str:
+    """The compiled backend ``resolvent_diag`` runs on ``device`` when none is named."""
     if device.type == "cpu":
         return "cpu" if _cpu.HAVE_NUMBA else "torch"
     if device.type == "cuda" and _triton.available(device):
@@ -372,7 +373,7 @@ def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=No
         return g.reshape(v.shape)
 
     if backend == "auto":
-        backend = _auto_backend(device)
+        backend = auto_backend(device)
     elif backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, v is on {device}")
     elif backend == "cpu" and not _cpu.HAVE_NUMBA:

@@ -1,0 +1,179 @@
+"""``use_sparse_bk``: learned per-token routing into the BK chain - shorter chains for real.
+
+What it does
+    Each ResNet-BK block's BK mixer gets a router, a Linear(d, 1) on the token's own
+    feed-forward output f_t: the token is a *site* of the BK chain when its gate probability
+    p_t = sigmoid(router(f_t)) exceeds 1/2 (the logit is > 0). Per sequence, the routed
+    tokens are gathered in their order into a shorter chain; the potential projection, the
+    BK-Core and the feature projection run on that chain only; the results go back to the
+    routed positions, weighted by p_t (so that the task loss reaches the router), and an
+    unrouted token's mixer output is 0: it passes through the block as f_t alone (the
+    residual path). Sequences of a batch route different numbers of tokens; the chains are
+    padded at their END to the longest one (rounded up so that the rows of the batch are a
+    multiple of 16, see Causality), and the padding sites are never read.
+
+    An auxiliary loss keeps the routed share near ``target_share``::
+
+        sparse_bk = weight * mean over layers of (share_l - target_share)^2
+
+    where share_l is the fraction of routed tokens of layer l, made differentiable by the
+    straight-through estimator (its value is the hard share, its gradient that of the mean
+    gate probability).
+
+Paper
+    The routing is that of Mixture-of-Depths (D. Raposo et al., "Mixture-of-Depths:
+    Dynamically allocating compute in transformer-based language models", arXiv:2404.02258,
+    2024) applied to the sites of the BK chain, with a per-token threshold instead of their
+    top-k over the sequence, which would let a token's routing depend on later tokens. The
+    share loss follows the capacity losses of conditional computation (E. Bengio et al.,
+    "Conditional Computation in Neural Networks for faster models", 2015).
+
+Settings (``sparse_bk_<field>``)
+    ``target_share`` (wanted fraction of routed tokens), ``weight`` (of the share loss),
+    ``record_windows`` (held-out windows for the recorded share), ``timing_repeats``.
+
+Cost
+    A Linear(d, 1) router per token and layer (2d FLOPs), against the potential projection
+    (2dK), the BK-Core (10K per site) and the feature projection (4Kd) that now run on the
+    routed sites (plus padding) only: with K = 1 the counted mixer FLOPs fall once the padded
+    share is below about 2/3. The gathers are index copies (not counted). The block's MoE
+    feed-forward and the LM head are unchanged, so the whole forward falls by a few percent.
+
+What it records
+    Routed share per layer, during training (mean over steps) and on held-out text; the
+    chains' mean routed length and padded length per layer; the share loss per epoch; the
+    counted forward FLOPs (and the mixer component) with and without routing, the same
+    weights both ways; eval-forward time with and without.
+
+With other flags
+    The mixer keeps the plain mixer's parameters under their names (blocks.<i>.bk.*) and adds
+    ``router``; use_analytic_gradient and use_mixed_precision act on it as on a BK mixer.
+    use_quantization, applied before this flag in registry order, fake-quantizes the mixer's
+    projections but leaves the router a float Linear (d + 1 parameters per layer).
+
+Causality
+    Routing is a function of each token's own state, so the chain of routed tokens up to t
+    depends only on tokens <= t, and the causal BK recurrence reads the sites before a site
+    only: the padding at the end of each chain cannot reach a real site. The chain length of
+    the batch depends on every token (later ones included); what must not depend on it are
+    the bits of a site's result. The BK-Core computes each row sequentially, whatever its
+    length; the two projections run on (batch x padded length) rows, kept a multiple of 16 so
+    that CPU matrix kernels stay in the regime where a row's result does not depend on the
+    row count (as the MoE experts' padding, ``models/resnet_bk.py``). The audit checks it
+    bit for bit. The bidirectional core is refused: there the end padding would reach back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..hooks import Flag, RunContext
+from ..metrics.with_without import forward_with_and_without
+from ..models.layers.sparse_bk import SparseBKMixer, dense_mixers, layer_stats, sparse_mixers
+from ..models.resnet_bk import BKMixer
+from ..objectives.layer_states import held_out_windows
+from .meter import EpochMeter
+
+
+@dataclass
+class SparseBKSettings:
+    target_share: float = field(default=0.5, metadata={
+        "help": "wanted fraction of tokens routed into the BK chain, in (0, 1]"})
+    weight: float = field(default=0.1, metadata={
+        "help": "weight of the share loss (share - target_share)^2 (0: no loss)"})
+    record_windows: int = field(default=16, metadata={
+        "help": "held-out validation windows for the recorded routed share"})
+    timing_repeats: int = field(default=3, metadata={
+        "help": "eval forwards timed with and without routing for the record"})
+
+    def validate(self, config) -> None:
+        if not 0 < self.target_share <= 1:
+            raise ValueError(f"sparse_bk_target_share must be in (0, 1], got {self.target_share}")
+        if not self.weight >= 0:
+            raise ValueError(f"sparse_bk_weight must be >= 0, got {self.weight}")
+        if self.record_windows < 1 or self.timing_repeats < 1:
+            raise ValueError("sparse_bk_record_windows and sparse_bk_timing_repeats must be >= 1")
+        if getattr(config, "bk_mode", "causal") != "causal":
+            raise ValueError("needs bk_mode='causal' (a bidirectional chain would read its "
+                             "end padding)")
+
+
+class SparseBK(Flag):
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not all(isinstance(getattr(b, "bk", None), BKMixer) for b in blocks):
+            raise ValueError("use_sparse_bk needs a ResNet-BK model (a BK mixer in every block)")
+        for block in blocks:
+            block.bk = SparseBKMixer(block.bk)
+        model.flops_vary_per_step = True     # the chain lengths follow the routing
+        layers = len(blocks)
+        self.meter = EpochMeter(term=0.0, share_per_layer=[0.0] * layers)
+        # over the whole run, never closed: the record's training means
+        self.total = EpochMeter(share=[0.0] * layers, routed_length=[0.0] * layers,
+                                padded_length=[0.0] * layers)
+        return model
+
+    def loss_terms(self, model, inputs, targets, step):
+        target = self.settings.target_share
+        terms = []
+        for m in sparse_mixers(model):
+            hard = m.last_routed.to(m.last_gate.dtype)
+            share = (hard + m.last_gate - m.last_gate.detach()).mean()   # straight-through
+            terms.append((share - target) ** 2)
+        return {"sparse_bk": self.settings.weight * torch.stack(terms).mean()}
+
+    def after_optimizer_step(self, run: RunContext, terms) -> None:
+        stats = layer_stats(sparse_mixers(run.model))
+        share = [s["share"] for s in stats]
+        self.meter.add(term=terms["sparse_bk"].item(), share_per_layer=share)
+        self.total.add(share=share, routed_length=[s["mean_routed_length"] for s in stats],
+                       padded_length=[s["padded_length"] for s in stats])
+
+    def on_epoch_end(self, run: RunContext) -> None:
+        self.meter.end_epoch(run.progress.epoch)
+
+    @torch.no_grad()
+    def held_out(self, model: nn.Module, split: torch.Tensor, device) -> dict[str, Any]:
+        windows = held_out_windows(split, self.config.n_seq, self.settings.record_windows)
+        was = model.training
+        model.eval()
+        try:
+            model(windows.to(device), return_features=True)
+            stats = layer_stats(sparse_mixers(model))
+        finally:
+            model.train(was)
+        return {"windows": int(windows.shape[0]),
+                "share_per_layer": [s["share"] for s in stats],
+                "share": sum(s["share"] for s in stats) / len(stats),
+                "mean_routed_length_per_layer": [s["mean_routed_length"] for s in stats],
+                "padded_length_per_layer": [s["padded_length"] for s in stats],
+                "positions_per_layer": [s["positions"] for s in stats]}
+
+    def record(self, run: RunContext, outcome) -> dict[str, Any]:
+        model, cfg = run.model, self.config
+        means = self.total.means()
+        train = {"steps": self.total.steps, "share_per_layer": means["share"],
+                 "mean_routed_length_per_layer": means["routed_length"],
+                 "mean_padded_length_per_layer": means["padded_length"]}
+        train["share"] = sum(train["share_per_layer"]) / len(train["share_per_layer"])
+        batch = max(1, cfg.batch_size // run.world)
+        windows = held_out_windows(run.data.valid, cfg.n_seq, batch).to(run.device)
+        measured = forward_with_and_without(model, lambda: dense_mixers(model), windows, batch,
+                                            self.settings.timing_repeats, seed=cfg.seed)
+        return {"target_share": self.settings.target_share, "train": train,
+                "held_out": self.held_out(model, run.data.valid, run.device),
+                "term_per_epoch": self.meter.epochs,
+                "router_parameters": sum(p.numel() for m in sparse_mixers(model)
+                                         for p in m.router.parameters()),
+                **measured}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"meter": self.meter.state_dict(), "total": self.total.state_dict()}
+
+    def load_state_dict(self, state, run: RunContext) -> None:
+        self.meter.load_state_dict(state["meter"])
+        self.total.load_state_dict(state["total"])
