@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from .audit import audit_causality, format_audit
+from .eval import bits_per_byte
 from .compare import compare_results
 from .config import BenchmarkConfig, ConfigError
-from .data import load_wikitext2
+from .token_cache import load_corpus
 from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
 from .metrics.memory import PeakMemory, release_freed_memory
 from .flags import build_model
@@ -125,11 +126,12 @@ class WikiText2Benchmark:
     # --- data ------------------------------------------------------------------------------
 
     def load_data(self, config: BenchmarkConfig):
-        key = (config.data_dir, config.variant, config.split_scheme, config.tokenizer)
+        key = (config.dataset, config.data_dir, config.variant, config.split_scheme,
+               config.tokenizer)
         if key not in self._data_cache:
-            self._data_cache[key] = load_wikitext2(
-                data_dir=config.data_dir, variant=config.variant, scheme=config.split_scheme,
-                tokenizer=config.tokenizer)
+            self._data_cache[key] = load_corpus(
+                config.dataset, config.variant, config.split_scheme, config.tokenizer,
+                data_dir=config.data_dir, progress=self.progress)
         return self._data_cache[key]
 
     def build(self, config: BenchmarkConfig, vocab_size: int):
@@ -184,7 +186,7 @@ class WikiText2Benchmark:
                     f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
                     "not be trained as one. Pass --allow-noncausal to train it anyway (its "
                     "perplexities are then marked invalid).")
-            fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
+            fingerprint = {"dataset": config.dataset, "variant": config.variant, "scheme": config.split_scheme,
                            "tokenizer": config.tokenizer, "checksums": data.checksums}
             trainer = Trainer(config, model, data, device,
                               run_dir=self.run_dir(config.model_name), resume=resume,
@@ -217,6 +219,8 @@ class WikiText2Benchmark:
             valid_perplexity=outcome.valid.perplexity,
             valid_bits_per_token=outcome.valid.bits_per_token,
             valid_tokens=outcome.valid.num_tokens,
+            test_bits_per_byte=bits_per_byte(outcome.test.total_nll, data.num_bytes["test"]),
+            valid_bits_per_byte=bits_per_byte(outcome.valid.total_nll, data.num_bytes["valid"]),
             best_epoch=outcome.best_epoch,
             training_time=outcome.training_time,
             total_tokens=outcome.total_tokens,

@@ -54,11 +54,20 @@ _FIELD_HELP = {
     "min_lr_ratio": "final learning rate as a fraction of lr (cosine)", "seed": "random seed",
     "eval_batch_size": "evaluation windows per batch",
     "eval_stride": "sliding-window stride for evaluation (default: n_seq, no overlap)",
-    "variant": "WikiText-2 form: tokens or raw", "tokenizer": "word or byte",
+    "variant": "WikiText form: tokens or raw", "tokenizer": "word, byte or bpe:N (byte-level BPE)",
+    "dataset": "wikitext-2, wikitext-103, ptb, enwik8, text8 or dir:PATH (docs/data.md)",
     "checkpoint_every": "checkpoint every N steps (0: only at epoch ends)",
     "keep_checkpoints": "checkpoints kept per run", "tensorboard": "write TensorBoard logs",
     "allow_noncausal": "train a model that fails the causality audit (perplexity marked invalid)",
 }
+
+
+def default_output_dir(dataset: str, preset: str) -> Path:
+    """benchmark_results/<dataset>/<preset>; WikiText-2 keeps its folder ``wikitext2``."""
+    from .corpora import dataset_slug
+    if dataset == "wikitext-2":
+        return DEFAULT_OUTPUT_ROOT / preset
+    return DEFAULT_OUTPUT_ROOT.parent / dataset_slug(dataset) / preset
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -312,7 +321,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--progress-interval must be > 0 seconds, got {args.progress_interval}")
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
-    output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / args.preset
+    output_dir = args.output_dir or default_output_dir(configs[0].dataset, args.preset)
     for config in configs:  # before any work: never replace a finished run by accident
         check_can_write(output_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite)
 

@@ -29,7 +29,7 @@ from .validation import MAX_RUN_NAME
 TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens",
                    "budget_flops", "budget_seconds", "lr", "weight_decay", "grad_clip",
                    "warmup_steps", "min_lr_ratio", "seed", "eval_stride")
-DATA_FIELDS = ("variant", "split_scheme", "tokenizer")
+DATA_FIELDS = ("dataset", "variant", "split_scheme", "tokenizer")
 # the model sizes both architectures read: a comparison across them is not like for like
 SHARED_MODEL_FIELDS = ("d_model", "n_layers", "n_seq", "tie_weights")
 SETUP_FIELDS = SHARED_MODEL_FIELDS + TRAINING_FIELDS + DATA_FIELDS
