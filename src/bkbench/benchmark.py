@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .audit import audit_causality, format_audit
-from .eval import bits_per_byte
+from .eval import bits_per_byte, word_perplexity
 from .compare import compare_results
 from .config import BenchmarkConfig, ConfigError
 from .token_cache import load_corpus
@@ -221,6 +221,8 @@ class WikiText2Benchmark:
             valid_tokens=outcome.valid.num_tokens,
             test_bits_per_byte=bits_per_byte(outcome.test.total_nll, data.num_bytes["test"]),
             valid_bits_per_byte=bits_per_byte(outcome.valid.total_nll, data.num_bytes["valid"]),
+            test_word_perplexity=word_perplexity(outcome.test.total_nll,
+                                                 (data.num_words or {}).get("test")),
             best_epoch=outcome.best_epoch,
             training_time=outcome.training_time,
             total_tokens=outcome.total_tokens,

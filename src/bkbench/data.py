@@ -417,6 +417,9 @@ class WikiText2:
     verification: dict[str, str] = field(default_factory=dict)
     dataset: str = "wikitext-2"
     token_cache: str | None = None  # the memory-mapped ids' folder (bkbench.token_cache)
+    # words of each split under the published convention (words + one <eos> per line), the
+    # denominator of a word-level perplexity for any tokenizer; None where text is not words
+    num_words: dict[str, int | None] | None = None
 
     @property
     def num_tokens(self) -> dict[str, int]:
@@ -442,6 +445,7 @@ class WikiText2:
             "checksums": dict(self.checksums),
             "verification": dict(self.verification),
             **({"token_cache": self.token_cache} if self.token_cache else {}),
+            **({"num_words": dict(self.num_words)} if self.num_words else {}),
         }
 
     def describe(self) -> str:

@@ -171,3 +171,10 @@ def bits_per_byte(total_nll: float, num_bytes: int) -> float | None:
     """Summed NLL (nats) of a split per byte of its UTF-8 text, in bits: the one unit in which
     word, BPE and byte runs of the same text can be compared (None for an empty split)."""
     return total_nll / math.log(2) / num_bytes if num_bytes else None
+
+
+def word_perplexity(total_nll: float, num_words: int | None) -> float | None:
+    """Perplexity per word of the published convention (words + one ``<eos>`` per line) from a
+    split's summed NLL under any tokenizer: how subword and byte runs are put beside word-level
+    ones (None where the split's words are not counted)."""
+    return math.exp(total_nll / num_words) if num_words else None

@@ -80,6 +80,8 @@ class BenchmarkResults:
     # held-out NLL in bits per byte of the split's UTF-8 text: comparable across tokenizers
     test_bits_per_byte: float | None = None
     valid_bits_per_byte: float | None = None
+    # test perplexity per word (words + <eos> per line) whatever the tokenizer (eval.word_perplexity)
+    test_word_perplexity: float | None = None
 
     # durability: seconds spent writing checkpoints (excluded from training_time)
     checkpoint_time: float | None = None

@@ -62,42 +62,52 @@ def parse_tokenizer(spec: str) -> tuple[str, int | None]:
 # Streaming the text of a split
 # --------------------------------------------------------------------------------------------
 
-def iter_text(source: SplitSource, by_lines: bool, start: int | None = None
-              ) -> Iterator[tuple[int, list[str]]]:
-    """(source offset reached, pieces) per chunk of ``source`` from byte ``start``.
+def iter_chunks(source: SplitSource, by_lines: bool, start: int | None = None
+                ) -> Iterator[tuple[int, bytes]]:
+    """(source offset reached, bytes) per chunk of ``source`` from byte ``start``.
 
-    Pieces are whole lines each ending in ``"\\n"`` (``by_lines``; a final line without one gets
-    it), else runs of text cut just before a space, so that no word is split between chunks.
+    A chunk ends at a piece boundary: after a newline (``by_lines``), else just before a space,
+    so no line or word is split between chunks (a longer one makes a longer chunk).  For line
+    corpora a last line without a newline gets one, as the word convention counts it.
     """
+    sep = b"\n" if by_lines else b" "
     pos = source.start if start is None else start
+    buf = b""
     with open(source.path, "rb") as f:
         f.seek(pos)
         while pos < source.end:
-            data = f.read(min(TEXT_CHUNK, source.end - pos))
-            if not data:
-                break
-            if pos + len(data) < source.end:   # more follows: stop at a piece boundary
-                cut = data.rfind(b"\n" if by_lines else b" ") + (1 if by_lines else 0)
-                if cut > 0:
-                    data = data[:cut]
-                    f.seek(pos + cut)
-            pos += len(data)
-            text = _decode(data, source)
-            if by_lines:
-                pieces = [line + "\n" for line in text.split("\n")]
-                if text.endswith("\n"):
-                    pieces.pop()
+            want = min(TEXT_CHUNK, source.end - pos - len(buf))
+            more = f.read(want) if want > 0 else b""
+            if want > 0 and not more:
+                raise DataError(f"{source.path} ended at byte {pos + len(buf):,}, before "
+                                f"{source.end:,}: it changed while it was read")
+            data = buf + more
+            if pos + len(data) < source.end:
+                cut = data.rfind(sep)
+                if cut < (0 if by_lines else 1):  # no boundary yet: read on
+                    buf = data
+                    continue
+                cut += by_lines                   # lines keep their newline
+                data, buf = data[:cut], data[cut:]
             else:
-                pieces = [text]
-            yield pos, pieces
+                buf = b""
+            pos += len(data)
+            if by_lines and pos == source.end and not data.endswith(b"\n"):
+                data += b"\n"
+            yield pos, data
 
 
-def _decode(data: bytes, source: SplitSource) -> str:
+def _decode(data: bytes, source_name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{source.path} ({source.description}) is not valid UTF-8 ({exc}); "
-                        "only the byte tokenizer can read it") from exc
+        raise DataError(f"{source_name} is not valid UTF-8 ({exc}); only the byte tokenizer "
+                        "can read it") from exc
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text`` (which ends with a newline), each with its newline."""
+    return [line + "\n" for line in text.split("\n")[:-1]]
 
 
 def split_num_bytes(source: SplitSource, by_lines: bool) -> int:
@@ -115,34 +125,47 @@ def split_num_bytes(source: SplitSource, by_lines: bool) -> int:
 # --------------------------------------------------------------------------------------------
 
 class _Encoder:
-    """Turns chunks of pieces into ids; counts the ids that are out of vocabulary."""
+    """Turns chunks into ids; counts out-of-vocabulary words and the split's words (the
+    published word convention: words plus one ``<eos>`` per line) when the text is decodable."""
 
-    def __init__(self, kind: str, by_lines: bool, vocab: Vocab, bpe=None):
+    def __init__(self, kind: str, by_lines: bool, vocab: Vocab, bpe=None,
+                 count_words: bool = True):
         self.kind, self.by_lines, self.vocab, self.bpe = kind, by_lines, vocab, bpe
+        self.count_words = count_words
 
-    def encode(self, pieces: list[str]) -> tuple[np.ndarray, int]:
+    def encode(self, data: bytes, where: str) -> tuple[np.ndarray, int, int | None]:
+        """(ids, out-of-vocabulary words, words in the chunk or None)."""
         if self.kind == "byte":
-            return np.frombuffer("".join(pieces).encode("utf-8"), np.uint8).astype(np.int64), 0
+            ids = np.frombuffer(data, np.uint8).astype(np.int64)
+            return ids, 0, (self._words(_decode(data, where)) if self.count_words else None)
+        text = _decode(data, where)
         if self.kind == "bpe":
+            pieces = split_lines(text) if self.by_lines else [text]
             ids = [i for enc in self.bpe.encode_batch(pieces, add_special_tokens=False)
                    for i in enc.ids]
-            return np.asarray(ids, np.int64), 0
+            return np.asarray(ids, np.int64), 0, self._words(text)
         get = self.vocab.stoi.get
-        ids: list[int] = []
-        for piece in pieces:
-            ids.extend(get(w, -1) for w in piece.split())
+        out: list[int] = []
+        for piece in (text.split("\n")[:-1] if self.by_lines else [text]):
+            out.extend(get(w, -1) for w in piece.split())
             if self.by_lines:
-                ids.append(self.vocab.eos_id)
-        arr = np.asarray(ids, np.int64)
-        missing = arr < 0
-        arr[missing] = self.vocab.unk_id
-        return arr, int(missing.sum())
+                out.append(self.vocab.eos_id)
+        ids = np.asarray(out, np.int64)
+        missing = ids < 0
+        ids[missing] = self.vocab.unk_id
+        return ids, int(missing.sum()), len(ids)
+
+    def _words(self, text: str) -> int:
+        if self.by_lines:
+            return sum(len(line.split()) + 1 for line in text.split("\n")[:-1])
+        return len(text.split())
 
 
 def _word_vocab(source: SplitSource, by_lines: bool, progress: bool) -> Vocab:
     seen: dict[str, None] = {}
-    for _, pieces in _with_progress(source, by_lines, progress, "vocabulary of train"):
-        for piece in pieces:
+    for _, data in _with_progress(source, by_lines, progress, "vocabulary of train"):
+        text = _decode(data, str(source.path))
+        for piece in (text.split("\n")[:-1] if by_lines else [text]):
             seen.update(dict.fromkeys(piece.split()))
             if by_lines:
                 seen.setdefault(EOS)
@@ -158,8 +181,11 @@ def _train_bpe(source: SplitSource, by_lines: bool, size: int, progress: bool):
     trainer = trainers.BpeTrainer(vocab_size=size, show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[])
-    tok.train_from_iterator((p for _, pieces in _with_progress(source, by_lines, False, "")
-                             for p in pieces), trainer=trainer)
+    texts = (_decode(data, str(source.path))
+             for _, data in _with_progress(source, by_lines, False, ""))
+    tok.train_from_iterator((p for text in texts
+                             for p in (split_lines(text) if by_lines else [text])),
+                            trainer=trainer)
     return tok
 
 
@@ -171,15 +197,15 @@ def bpe_vocab(tok) -> Vocab:
 
 
 def _with_progress(source: SplitSource, by_lines: bool, progress: bool, label: str,
-                   start: int | None = None) -> Iterator[tuple[int, list[str]]]:
+                   start: int | None = None) -> Iterator[tuple[int, bytes]]:
     from tqdm import tqdm
 
     first = source.start if start is None else start
     with tqdm(total=source.end - source.start, initial=first - source.start, unit="B",
               unit_scale=True, desc=label, disable=not progress, file=sys.stderr) as bar:
         last = first
-        for pos, pieces in iter_text(source, by_lines, first):
-            yield pos, pieces
+        for pos, data in iter_chunks(source, by_lines, first):
+            yield pos, data
             bar.update(pos - last)
             last = pos
 
@@ -236,25 +262,27 @@ def _encode_split(entry: _Entry, split: str, source: SplitSource, encoder: _Enco
     final = entry.ids_path(split)
     partial = final.with_name(final.name + ".partial")
     state_path = final.with_name(f"{split}.progress.json")
-    state = {"offset": source.start, "tokens": 0, "oov": 0, "unk": 0}
+    state = {"offset": source.start, "tokens": 0, "oov": 0, "unk": 0,
+             "words": 0 if encoder.count_words else None}
     if partial.is_file() and state_path.is_file():
         state = json.loads(state_path.read_text())
     with open(partial, "ab") as out:
         out.truncate(state["tokens"] * 8)   # drop ids written after the last record
         out.seek(state["tokens"] * 8)
-        for pos, pieces in _with_progress(source, encoder.by_lines, progress,
-                                          f"tokenizing {split}", start=state["offset"]):
-            ids, oov = encoder.encode(pieces)
+        for pos, data in _with_progress(source, encoder.by_lines, progress,
+                                        f"tokenizing {split}", start=state["offset"]):
+            ids, oov, words = encoder.encode(data, f"{source.path} ({source.description})")
             out.write(ids.astype("<i8").tobytes())
             out.flush()
             os.fsync(out.fileno())
             unk = int((ids == encoder.vocab.unk_id).sum()) if encoder.kind == "word" else 0
             state = {"offset": pos, "tokens": state["tokens"] + len(ids),
-                     "oov": state["oov"] + oov, "unk": state["unk"] + unk}
+                     "oov": state["oov"] + oov, "unk": state["unk"] + unk,
+                     "words": None if words is None else state["words"] + words}
             write_json_atomic(state_path, state)
     os.replace(partial, final)
     state_path.unlink(missing_ok=True)
-    return {"tokens": state["tokens"], "oov": state["oov"], "unk": state["unk"]}
+    return {k: state[k] for k in ("tokens", "oov", "unk", "words")}
 
 
 def _memmap(path: Path) -> torch.Tensor:
@@ -264,11 +292,11 @@ def _memmap(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.memmap(path, dtype="<i8", mode="c"))
 
 
-def _build(entry: _Entry, sources: dict[str, SplitSource], by_lines: bool, progress: bool
-           ) -> dict:
+def _build(entry: _Entry, sources: dict[str, SplitSource], by_lines: bool, count_words: bool,
+           progress: bool) -> dict:
     entry.folder.mkdir(parents=True, exist_ok=True)
     vocab, bpe = _load_or_train_vocab(entry, sources["train"], by_lines, progress)
-    encoder = _Encoder(entry.kind, by_lines, vocab, bpe)
+    encoder = _Encoder(entry.kind, by_lines, vocab, bpe, count_words)
     counts = {}
     for s in SPLITS:
         if entry.ids_path(s).is_file() and (entry.folder / f"{s}.counts.json").is_file():
@@ -308,7 +336,7 @@ def load_corpus(dataset: str = "wikitext-2", variant: str = "tokens", scheme: st
                    / f"{tokenizer.replace(':', '')}-{key}", kind, bpe_size)
     meta_path = entry.folder / "meta.json"
     meta = (json.loads(meta_path.read_text()) if meta_path.is_file()
-            else _build(entry, sources, release.by_lines, progress))
+            else _build(entry, sources, release.by_lines, "word" in release.tokenizers, progress))
     vocab, _ = _load_or_train_vocab(entry, sources["train"], release.by_lines, False)
     ids = {s: _memmap(entry.ids_path(s)) for s in SPLITS}
     for s in SPLITS:
@@ -326,4 +354,5 @@ def load_corpus(dataset: str = "wikitext-2", variant: str = "tokens", scheme: st
         oov_counts={s: meta["counts"][s]["oov"] for s in SPLITS},
         unk_counts={s: meta["counts"][s]["unk"] for s in SPLITS},
         num_bytes=dict(meta["num_bytes"]), verification=facts, dataset=dataset,
+        num_words={s: meta["counts"][s]["words"] for s in SPLITS},
         token_cache=str(entry.folder))
