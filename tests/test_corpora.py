@@ -411,3 +411,39 @@ def test_bits_per_byte_and_word_perplexity_against_oracles():
     assert bits_per_byte(nll, 500) == pytest.approx(nll / np.log(2) / 500)
     assert word_perplexity(nll, 250) == pytest.approx(np.exp(4.0))
     assert bits_per_byte(nll, 0) is None and word_perplexity(nll, None) is None
+
+
+def test_units_section_puts_word_bpe_and_byte_runs_side_by_side():
+    from types import SimpleNamespace
+
+    from bkbench.experiments.data_section import units_section
+
+    def run(name, tokenizer, vocab, ppl, word_ppl, bpt, bpb):
+        return SimpleNamespace(model_name=name, config={"tokenizer": tokenizer},
+                               data={"dataset": "wikitext-2", "vocab_size": vocab},
+                               test_perplexity=ppl, test_word_perplexity=word_ppl,
+                               test_bits_per_token=bpt, test_bits_per_byte=bpb)
+
+    class Doc:
+        def __init__(self):
+            self.parts = []
+
+        def h(self, level, text):
+            self.parts.append(("h", text))
+
+        def p(self, text):
+            self.parts.append(("p", text))
+
+        def table(self, headers, rows):
+            self.parts.append(("table", headers, rows))
+
+    doc = Doc()
+    units_section(doc, [run("a", "word", 33278, 180.5, 180.5, 7.496, 1.601),
+                        run("b", "bpe:8192", 8192, 40.25, None, 5.331, 1.587)])
+    (_, headers, rows), = [p for p in doc.parts if p[0] == "table"]
+    assert headers[-1] == "test bits / byte"
+    assert rows == [["a", "wikitext-2", "word", "33,278", "180.50", "180.50", "7.496", "1.601"],
+                    ["b", "wikitext-2", "bpe:8192", "8,192", "40.25", "n/a", "5.331", "1.587"]]
+    empty = Doc()
+    units_section(empty, [])
+    assert empty.parts == []
