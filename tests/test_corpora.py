@@ -110,7 +110,7 @@ def make_release(name: str, root: Path, monkeypatch) -> Path:
         n = len(data)
         monkeypatch.setattr(bc, "_HUTTER_SPLIT", (n * 9 // 10, n * 19 // 20))
         kinds = (dict(size=True, sha1=True) if name == "text8"
-                 else dict(size=True, distinct_bytes=True, header=True))
+                 else dict(size=True, distinct_bytes=True, header=True, sha1=True, md5=True))
         monkeypatch.setattr(bc, f"_{name.upper()}_FACTS", {name: _facts(folder / name, **kinds)})
     elif name == "dir":
         for i, s in enumerate(("train", "valid", "test")):

@@ -186,7 +186,7 @@ class WikiText2Benchmark:
                     f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
                     "not be trained as one. Pass --allow-noncausal to train it anyway (its "
                     "perplexities are then marked invalid).")
-            fingerprint = {"dataset": config.dataset, "variant": config.variant, "scheme": config.split_scheme,
+            fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
                            "tokenizer": config.tokenizer, "checksums": data.checksums}
             trainer = Trainer(config, model, data, device,
                               run_dir=self.run_dir(config.model_name), resume=resume,

@@ -85,7 +85,7 @@ def _wikitext2_facts() -> dict[str, FileFacts]:
 
 
 # WikiText-103: SHA-1 of each file from GluonNLP's WikiText103 / WikiText103Raw dataset
-# definitions (dmlc/gluon-nlp, src/gluonnlp/data/language_model.py); line counts of the
+# definitions (dmlc/gluon-nlp, src/gluonnlp/data/corpora/wikitext.py); line counts of the
 # tokenized files from torchtext's WikiText103 definition (NUM_LINES 1,801,350 / 3,760 / 4,358).
 # The raw validation and test files are the WikiText-2 ones (GluonNLP gives them the same
 # SHA-1, which the copies this project is tested with have), so their size and sha256 are known.
@@ -109,15 +109,19 @@ _PTB_FACTS = {
     "ptb.test.txt": FileFacts("ptb.test.txt", lines=3_761, md5="8b80168b89c18661a38ef683c0dc3721"),
 }
 
-# enwik8: the first 10^8 bytes of the English Wikipedia dump of 3 March 2006 (Hutter Prize /
-# Large Text Compression Benchmark, mattmahoney.net/dc/textdata.html), which holds 205 distinct
-# byte values and is a MediaWiki XML export.  No digest of the unzipped file is published by a
-# source this project could check, so it is verified by size, distinct byte values and header.
+# enwik8: the first 10^8 bytes of the English Wikipedia dump of 3 March 2006 (Hutter Prize / Large
+# Text Compression Benchmark).  Size, MD5 and SHA-1 from the benchmark's table of its test files
+# (mattmahoney.net/dc/text.html, quoted in GluonNLP's large_text_compression_benchmark.py); 205
+# distinct byte values (NLP-progress, language_modeling.md) and the MediaWiki export header are
+# checked first, as their messages say more than a digest's.
 _ENWIK8_FACTS = {"enwik8": FileFacts("enwik8", size=100_000_000, distinct_bytes=205,
-                                     header=b"<mediawiki ")}
+                                     header=b"<mediawiki ",
+                                     sha1="57b8363b814821dc9d47aa4d41f58733519076b2",
+                                     md5="a1fa5ffddb56f4953e226637dabbb36a")}
 
 # text8: the first 10^8 characters of enwik9 after Matt Mahoney's cleaning; SHA-1 of the unzipped
-# file from GluonNLP's Text8 definition (dmlc/gluon-nlp, scripts/word_embeddings/data.py).
+# file from GluonNLP's Text8 definitions (dmlc/gluon-nlp, scripts/word_embeddings/data.py and
+# src/gluonnlp/data/corpora/large_text_compression_benchmark.py).
 _TEXT8_FACTS = {"text8": FileFacts("text8", size=100_000_000,
                                    sha1="0dc3edebc970dcc96137e7deda4d9995af9d93de")}
 
@@ -297,8 +301,8 @@ def locate(release: Release, scheme: str, data_dir=None, cache_dir=None, downloa
         if not path.is_file():
             if not download or release.hub is None:
                 how = ("downloading was switched off" if release.hub is not None
-                       else f"{release.name} is not downloaded automatically (no copy on the "
-                            "Hugging Face Hub that its published facts can verify)")
+                       else f"{release.name} is not downloaded automatically (this project "
+                            "knows no Hugging Face Hub copy of its files)")
                 raise DataError(f"{release.name}: {n} was not found in {folder} (the bkbench "
                                 f"cache) and {how}. Put the release's files in a folder and pass "
                                 f"--data-dir DIR (or set {ENV_DATA_DIR}), or copy them into "
