@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import write_bytes_atomic
-from .data import (ENV_CACHE_DIR, ENV_DATA_DIR, KNOWN_FILES, SPLITS, DataError,
+from .data import (_PROXY_HINT, ENV_CACHE_DIR, ENV_DATA_DIR, KNOWN_FILES, SPLITS, DataError,
                    proxy_split_line, read_lines)
 
 DATASETS = ("wikitext-2", "wikitext-103", "ptb", "enwik8", "text8")
@@ -288,8 +288,10 @@ def locate(release: Release, scheme: str, data_dir=None, cache_dir=None, downloa
                             f"that holds {', '.join(names)}.")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
+            hint = (" " + _PROXY_HINT if release.name == "wikitext-2" and scheme == "official"
+                    and missing == [release.files["train"]] else "")
             raise DataError(f"{release.name}: {folder} (from {label}) lacks {', '.join(missing)}; "
-                            f"an explicitly given folder must hold {', '.join(names)}.")
+                            f"an explicitly given folder must hold {', '.join(names)}.{hint}")
         remedy = "Replace it with an intact copy of the release."
         return folder, origin, {n: (folder / n, verify_path(release, folder / n, n, remedy))
                                 for n in names}
