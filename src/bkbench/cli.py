@@ -252,6 +252,11 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     scale.add_argument("--output-dir", type=Path, default=Path("benchmark_results/scale"),
                        help="where scale.json and the plots go (default: %(default)s)")
     scale.add_argument("--overwrite", action="store_true", help="replace an existing scale.json")
+    scale.add_argument("--train", action="store_true",
+                       help="train every model at every --d-model/--n-layers size to the budget "
+                            "of --max-tokens or --budget-flops on the data, and fit held-out "
+                            "test loss against parameters and FLOPs (docs/experiments.md)")
+    scale.add_argument("--seeds", metavar="S,S,...", help="with --train: seeds per size")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
@@ -440,6 +445,11 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
     axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
+    if args.train:
+        from .experiments.size_scaling import main_from_args
+        return main_from_args(args, axis, values, _configs_from_args)
+    if args.seeds:
+        raise ConfigError("--seeds applies to `bkbench scale --train` only")
     if args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
     if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
