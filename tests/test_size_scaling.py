@@ -85,3 +85,24 @@ def test_analyse_fits_each_model_and_measures_gaps():
     assert gap["verdict"].startswith("not resolved")   # a constant gap
     fits, gaps = ss.size_scaling_rows(table)
     assert len(fits) == 2 and len(gaps) == 4
+
+
+def _exit_code(argv):
+    from bkbench.cli import main
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["scale", "--d-model", "16,32", "--seeds", "0,1"], "scale --train` only"),
+    (["scale", "--train", "--n-seq", "64,128", "--max-tokens", "1000"], "model size"),
+    (["scale", "--train", "--d-model", "16,32"], "--max-tokens or --budget-flops"),
+    (["scale", "--train", "--d-model", "16,32", "--max-tokens", "1000", "--dataset", "ptb",
+      "--split-scheme", "proxy"], "only for wikitext-2"),
+])
+def test_scale_train_refuses_bad_invocations(tmp_path, capsys, argv, message):
+    assert _exit_code(argv + ["--preset", "smoke", "--output-dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

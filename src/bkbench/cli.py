@@ -257,6 +257,10 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                             "of --max-tokens or --budget-flops on the data, and fit held-out "
                             "test loss against parameters and FLOPs (docs/experiments.md)")
     scale.add_argument("--seeds", metavar="S,S,...", help="with --train: seeds per size")
+    scale.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                       help="with --train: the dataset's folder (docs/data.md)")
+    scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
+                       help="with --train: official or proxy (WikiText-2 only)")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 

@@ -43,7 +43,7 @@ from .corpora import (DIR_PREFIX, Release, SplitSource, cache_root, dataset_slug
                       release_for, split_sources)
 from .data import EOS, SPLITS, UNK, DataError, Vocab, WikiText2
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # part of the entry key: a new format never reads an old entry
 TEXT_CHUNK = 1 << 22   # bytes of text encoded between two progress records
 BPE_MIN, BPE_MAX = 260, 1 << 20
 

@@ -116,7 +116,9 @@ def run_size_sweep(planned: Sequence[tuple[str, int, int, Any]], axis: str, outp
     bench = WikiText2Benchmark(output_dir, progress=progress)
     points = []
     for model, v, seed, config in planned:
-        r = bench.run_benchmark(config, resume=not overwrite, overwrite=overwrite)
+        started = (bench.results_path(config.model_name).exists()
+                   or bench.run_dir(config.model_name).exists())
+        r = bench.run_benchmark(config, resume=started and not overwrite, overwrite=overwrite)
         points.append({"model": model, "size": v, "seed": seed, "params": r.num_parameters,
                        "train_flops": r.total_flops, "train_tokens": r.total_tokens,
                        "test_loss": r.test_loss, "test_bits_per_byte": r.test_bits_per_byte})
