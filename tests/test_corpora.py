@@ -447,3 +447,20 @@ def test_units_section_puts_word_bpe_and_byte_runs_side_by_side():
     empty = Doc()
     units_section(empty, [])
     assert empty.parts == []
+
+
+def _load_ids(dataset: str) -> list[int]:
+    return tc.load_corpus(dataset).train.tolist()
+
+
+def test_two_processes_building_one_entry_get_the_same_ids(tmp_path, monkeypatch):
+    import concurrent.futures
+    import multiprocessing
+
+    folder = make_release("dir", tmp_path, monkeypatch)
+    with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(_load_ids, [f"dir:{folder}"] * 2))
+    monkeypatch.setenv(bc.ENV_CACHE_DIR, str(tmp_path / "fresh"))
+    reference = _load_ids(f"dir:{folder}")
+    assert got == [reference, reference]

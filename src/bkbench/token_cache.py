@@ -27,6 +27,7 @@ Tokenizers (``word``, ``byte``, ``bpe:N``) and their conventions
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -335,8 +336,14 @@ def load_corpus(dataset: str = "wikitext-2", variant: str = "tokens", scheme: st
     entry = _Entry(cache_root() / "tokens" / dataset_slug(dataset)
                    / f"{tokenizer.replace(':', '')}-{key}", kind, bpe_size)
     meta_path = entry.folder / "meta.json"
-    meta = (json.loads(meta_path.read_text()) if meta_path.is_file()
-            else _build(entry, sources, release.by_lines, "word" in release.tokenizers, progress))
+    if not meta_path.is_file():
+        entry.folder.mkdir(parents=True, exist_ok=True)
+        # processes of one run (DDP ranks) load together: one builds, the others wait for it
+        with open(entry.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not meta_path.is_file():
+                _build(entry, sources, release.by_lines, "word" in release.tokenizers, progress)
+    meta = json.loads(meta_path.read_text())
     vocab, _ = _load_or_train_vocab(entry, sources["train"], release.by_lines, False)
     ids = {s: _memmap(entry.ids_path(s)) for s in SPLITS}
     for s in SPLITS:
