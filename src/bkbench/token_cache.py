@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from .atomic import write_json_atomic
-from .corpora import (DIR_PREFIX, Release, SplitSource, cache_root, dataset_slug, locate,
-                      release_for, split_sources)
-from .data import EOS, SPLITS, UNK, DataError, Vocab, WikiText2
+from .corpora import (Release, SplitSource, cache_root, dataset_slug, locate, release_for,
+                      split_sources)
+from .data import EOS, SPLITS, DataError, Vocab, WikiText2
 
 CACHE_FORMAT = 2   # part of the entry key: a new format never reads an old entry
 TEXT_CHUNK = 1 << 22   # bytes of text encoded between two progress records
