@@ -464,3 +464,18 @@ def test_two_processes_building_one_entry_get_the_same_ids(tmp_path, monkeypatch
     monkeypatch.setenv(bc.ENV_CACHE_DIR, str(tmp_path / "fresh"))
     reference = _load_ids(f"dir:{folder}")
     assert got == [reference, reference]
+
+
+def test_results_from_before_the_dataset_field_count_as_wikitext2_runs():
+    from bkbench import runs
+    from bkbench.config import build_run_configs
+
+    (config,) = build_run_configs("smoke", {}, {}, ["transformer_baseline"])
+    new = config.to_dict()
+    old = {k: v for k, v in new.items() if k != "dataset"}
+    assert runs.config_changes(old, new) == []
+    assert runs.setup_of(old) == runs.setup_of(new)
+    other = config.replace(dataset="ptb").to_dict()
+    assert runs.config_changes(old, other) == [
+        "dataset: finished run has 'wikitext-2', this one 'ptb'"]
+    assert runs.setup_of(old) != runs.setup_of(other)

@@ -36,6 +36,9 @@ SETUP_FIELDS = SHARED_MODEL_FIELDS + TRAINING_FIELDS + DATA_FIELDS
 BOOKKEEPING_FIELDS = ("data_dir", "device", "eval_batch_size", "checkpoint_every",
                       "keep_checkpoints", "tensorboard", "allow_noncausal")
 IDENTITY_FIELDS = ("model_name", "architecture")
+# results written before a field existed ran with what it now names: every run before
+# --dataset was a WikiText-2 run
+LEGACY_DEFAULTS = {"dataset": "wikitext-2"}
 # the model settings only some architectures read; any other model setting (the flags, their
 # own settings) applies to every architecture
 OWN_FIELDS = {
@@ -95,6 +98,7 @@ def variant_suffix(base: Mapping[str, Any], overrides: Mapping[str, Any],
 
 def setup_of(config: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The shared setup of a run: its setup fields and, when known, the sha256 of its data."""
+    config = {**LEGACY_DEFAULTS, **config}
     setup = {k: config.get(k) for k in SETUP_FIELDS}
     if data and data.get("checksums"):
         setup["data_checksums"] = dict(sorted(data["checksums"].items()))
@@ -184,6 +188,7 @@ def run_dir(output_dir: str | Path, run_name: str) -> Path:
 def config_changes(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The fields, bookkeeping aside, in which a finished run's config differs from ``config``:
     empty means that rerunning it would compute the same numbers."""
+    stored = {**LEGACY_DEFAULTS, **stored}
     keys = (set(stored) | set(config)) - set(BOOKKEEPING_FIELDS)
     return [f"{k}: finished run has {stored.get(k)!r}, this one {config.get(k)!r}"
             for k in sorted(keys) if stored.get(k) != config.get(k)]
