@@ -275,7 +275,7 @@ class BenchmarkConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {short(self.device)}")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"data_dir {short(self.data_dir)} does not exist or is not a directory; "
-                              "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
+                              "point --data-dir at a folder holding the dataset's files (docs/data.md)")
         try:
             _flags().check_flags(self)
         except _flags().FlagConfigError as exc:
