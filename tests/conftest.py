@@ -11,6 +11,15 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_bkbench_cache(tmp_path_factory):
+    """Token caches and downloads of a test session go to a temporary folder, never the user's
+    ~/.cache/bkbench (subprocesses inherit the variable)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BKBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("bkbench-cache")))
+        yield
+
+
 @pytest.fixture
 def shared_data_dir() -> Path:
     if not (SHARED_DATA / "wiki.valid.tokens").is_file():

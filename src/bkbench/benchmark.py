@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from .audit import CausalityAudit, audit_causality, format_audit
 from .config import BenchmarkConfig
-from .data import load_wikitext2
 from .errors import ConfigError
+from .eval import bits_per_byte, word_perplexity
+from .token_cache import load_corpus
 from .metrics.flops import flops_result_fields, measure_forward_flops, measure_step_flops
 from .flags import build_model
 from .metrics.memory import PeakMemory, release_freed_memory
@@ -126,11 +127,12 @@ class WikiText2Benchmark:
     # --- data ------------------------------------------------------------------------------
 
     def load_data(self, config: BenchmarkConfig):
-        key = (config.data_dir, config.variant, config.split_scheme, config.tokenizer)
+        key = (config.dataset, config.data_dir, config.variant, config.split_scheme,
+               config.tokenizer)
         if key not in self._data_cache:
-            self._data_cache[key] = load_wikitext2(
-                data_dir=config.data_dir, variant=config.variant, scheme=config.split_scheme,
-                tokenizer=config.tokenizer)
+            self._data_cache[key] = load_corpus(
+                config.dataset, config.variant, config.split_scheme, config.tokenizer,
+                data_dir=config.data_dir, progress=self.progress)
         return self._data_cache[key]
 
     def build(self, config: BenchmarkConfig, vocab_size: int):
@@ -243,6 +245,10 @@ class WikiText2Benchmark:
             valid_perplexity=outcome.valid.perplexity,
             valid_bits_per_token=outcome.valid.bits_per_token,
             valid_tokens=outcome.valid.num_tokens,
+            test_bits_per_byte=bits_per_byte(outcome.test.total_nll, data.num_bytes["test"]),
+            valid_bits_per_byte=bits_per_byte(outcome.valid.total_nll, data.num_bytes["valid"]),
+            test_word_perplexity=word_perplexity(outcome.test.total_nll,
+                                                 (data.num_words or {}).get("test")),
             best_epoch=outcome.best_epoch,
             training_time=outcome.training_time,
             total_tokens=outcome.total_tokens,

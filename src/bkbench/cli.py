@@ -54,11 +54,20 @@ _FIELD_HELP = {
     "min_lr_ratio": "final learning rate as a fraction of lr (cosine)", "seed": "random seed",
     "eval_batch_size": "evaluation windows per batch",
     "eval_stride": "sliding-window stride for evaluation (default: n_seq, no overlap)",
-    "variant": "WikiText-2 form: tokens or raw", "tokenizer": "word or byte",
+    "variant": "WikiText form: tokens or raw", "tokenizer": "word, byte or bpe:N (byte-level BPE)",
+    "dataset": "wikitext-2, wikitext-103, ptb, enwik8, text8 or dir:PATH (docs/data.md)",
     "checkpoint_every": "checkpoint every N steps (0: only at epoch ends)",
     "keep_checkpoints": "checkpoints kept per run", "tensorboard": "write TensorBoard logs",
     "allow_noncausal": "train a model that fails the causality audit (perplexity marked invalid)",
 }
+
+
+def default_output_dir(dataset: str, preset: str) -> Path:
+    """benchmark_results/<dataset>/<preset>; WikiText-2 keeps its folder ``wikitext2``."""
+    from .corpora import dataset_slug
+    if dataset == "wikitext-2":
+        return DEFAULT_OUTPUT_ROOT / preset
+    return DEFAULT_OUTPUT_ROOT.parent / dataset_slug(dataset) / preset
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -243,6 +252,15 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     scale.add_argument("--output-dir", type=Path, default=Path("benchmark_results/scale"),
                        help="where scale.json and the plots go (default: %(default)s)")
     scale.add_argument("--overwrite", action="store_true", help="replace an existing scale.json")
+    scale.add_argument("--train", action="store_true",
+                       help="train every model at every --d-model/--n-layers size to the budget "
+                            "of --max-tokens or --budget-flops on the data, and fit held-out "
+                            "test loss against parameters and FLOPs (docs/experiments.md)")
+    scale.add_argument("--seeds", metavar="S,S,...", help="with --train: seeds per size")
+    scale.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                       help="with --train: the dataset's folder (docs/data.md)")
+    scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
+                       help="with --train: official or proxy (WikiText-2 only)")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
@@ -312,7 +330,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--progress-interval must be > 0 seconds, got {args.progress_interval}")
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
-    output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / args.preset
+    output_dir = args.output_dir or default_output_dir(configs[0].dataset, args.preset)
     for config in configs:  # before any work: never replace a finished run by accident
         check_can_write(output_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite)
 
@@ -431,6 +449,11 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
     axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
+    if args.train:
+        from .experiments.size_scaling import main_from_args
+        return main_from_args(args, axis, values, _configs_from_args)
+    if args.seeds:
+        raise ConfigError("--seeds applies to `bkbench scale --train` only")
     if args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
     if args.tokens_per_batch is not None and args.tokens_per_batch < 1:

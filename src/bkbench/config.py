@@ -106,6 +106,7 @@ class BenchmarkConfig:
     eval_stride: int | None = None
 
     # data
+    dataset: str = "wikitext-2"
     data_dir: str | None = None
     variant: str = "tokens"
     split_scheme: str = "official"
@@ -267,19 +268,35 @@ class BenchmarkConfig:
             raise ConfigError(f"variant must be 'tokens' or 'raw', got {short(self.variant)}")
         if self.split_scheme not in ("official", "proxy"):
             raise ConfigError(f"split_scheme must be 'official' or 'proxy', got {short(self.split_scheme)}")
-        if self.tokenizer not in ("word", "byte"):
-            raise ConfigError(f"tokenizer must be 'word' or 'byte', got {short(self.tokenizer)}")
+        _check_data_choice(self)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {short(self.device)}")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"data_dir {short(self.data_dir)} does not exist or is not a directory; "
-                              "point --data-dir at a folder holding wiki.*.tokens / wiki.*.raw")
+                              "point --data-dir at a folder holding the dataset's files (docs/data.md)")
         try:
             _flags().check_flags(self)
         except FlagConfigError as exc:
             raise ConfigError(str(exc)) from None
         check_config(self)
         return self
+
+
+def _check_data_choice(config: "BenchmarkConfig") -> None:
+    """The dataset, its form, tokenizer and split scheme go together (bkbench.corpora)."""
+    from .corpora import release_for
+    from .token_cache import parse_tokenizer
+    try:
+        kind, _ = parse_tokenizer(config.tokenizer)
+        release = release_for(config.dataset, config.variant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if kind not in release.tokenizers:
+        raise ConfigError(f"{config.dataset} is read with the {' or '.join(release.tokenizers)} "
+                          f"tokenizer only, not {short(config.tokenizer)}")
+    if config.split_scheme == "proxy" and config.dataset != "wikitext-2":
+        raise ConfigError(f"split_scheme proxy exists only for wikitext-2; use --split-scheme "
+                          f"official with {config.dataset}")
 
 
 def _validate_gla(config: "BenchmarkConfig") -> None:

@@ -291,12 +291,14 @@ def verify_file(path: str | os.PathLike) -> str:
 class Vocab:
     """A token vocabulary: ``itos`` (id -> token), ``stoi`` (token -> id), ``len()``.
 
-    ``kind`` is ``"word"`` (tokens are words and ``<eos>``) or ``"byte"`` (ids are byte values;
-    ``itos`` holds printable names such as ``"a"`` or ``"<0x0A>"``).
+    ``kind`` is ``"word"`` (tokens are words and ``<eos>``), ``"byte"`` (ids are byte values;
+    ``itos`` holds printable names such as ``"a"`` or ``"<0x0A>"``) or ``"bpe"`` (the tokens of a
+    byte-level BPE, bkbench.token_cache, whose ``eos_id`` is its newline token; text is encoded
+    and decoded by the BPE model, not here).
     """
 
-    def __init__(self, itos: Sequence[str], kind: str = "word"):
-        _check_choice("kind", kind, TOKENIZERS)
+    def __init__(self, itos: Sequence[str], kind: str = "word", eos_id: int | None = None):
+        _check_choice("kind", kind, TOKENIZERS + ("bpe",))
         self.kind = kind
         self.itos: list[str] = list(itos)
         self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
@@ -307,6 +309,11 @@ class Vocab:
                 raise ValueError(f"a word vocabulary must contain {EOS} and {UNK}")
             self.eos_id: int = self.stoi[EOS]
             self.unk_id: int | None = self.stoi[UNK]
+        elif kind == "bpe":
+            if eos_id is None or not 0 <= eos_id < len(self.itos):
+                raise ValueError("a BPE vocabulary needs the id of its newline token")
+            self.eos_id = eos_id
+            self.unk_id = None
         else:
             if len(self.itos) != 256:
                 raise ValueError("a byte vocabulary has exactly 256 entries")
@@ -339,6 +346,8 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` under this vocabulary's convention (see the module docstring)."""
+        if self.kind == "bpe":
+            raise ValueError("a BPE vocabulary encodes through its tokenizers model")
         lines = read_lines(text)
         if self.kind == "byte":
             return list(("\n".join(lines) + "\n").encode("utf-8")) if lines else []
@@ -348,6 +357,8 @@ class Vocab:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: bytes decoded as UTF-8, or words joined by spaces, ``<eos>`` = newline."""
         ids = [int(i) for i in ids]
+        if self.kind == "bpe":
+            raise ValueError("a BPE vocabulary decodes through its tokenizers model")
         if self.kind == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
         out: list[str] = []
@@ -404,6 +415,11 @@ class WikiText2:
     unk_counts: dict[str, int]
     num_bytes: dict[str, int]
     verification: dict[str, str] = field(default_factory=dict)
+    dataset: str = "wikitext-2"
+    token_cache: str | None = None  # the memory-mapped ids' folder (bkbench.token_cache)
+    # words of each split under the published convention (words + one <eos> per line), the
+    # denominator of a word-level perplexity for any tokenizer; None where text is not words
+    num_words: dict[str, int | None] | None = None
 
     @property
     def num_tokens(self) -> dict[str, int]:
@@ -412,7 +428,7 @@ class WikiText2:
     def to_dict(self) -> dict[str, Any]:
         """Everything but the tensors, JSON-ready (for results files)."""
         return {
-            "dataset": "wikitext-2",
+            "dataset": self.dataset,
             "variant": self.variant,
             "scheme": self.scheme,
             "tokenizer": self.tokenizer,
@@ -428,12 +444,14 @@ class WikiText2:
             "split_sources": dict(self.split_sources),
             "checksums": dict(self.checksums),
             "verification": dict(self.verification),
+            **({"token_cache": self.token_cache} if self.token_cache else {}),
+            **({"num_words": dict(self.num_words)} if self.num_words else {}),
         }
 
     def describe(self) -> str:
         """A short human-readable summary."""
         unit = "bytes" if self.tokenizer == "byte" else "tokens"
-        out = [f"WikiText-2 ({self.variant} form, {self.scheme} split scheme, {self.tokenizer} "
+        out = [f"{self.dataset} ({self.variant} form, {self.scheme} split scheme, {self.tokenizer} "
                f"tokenizer, vocabulary {len(self.vocab):,}) from {self.data_dir} ({self.source})"]
         for s in SPLITS:
             line = f"  {s:5s}: {self.num_tokens[s]:>9,} {unit}"

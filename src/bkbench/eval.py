@@ -165,3 +165,16 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: i
         raise FloatingPointError("evaluation loss is not finite (NaN or Inf in the model's logits)")
     return EvalResult(loss=nll_sum / count, num_tokens=count, total_nll=nll_sum,
                       seq_len=seq_len, stride=None if stride == seq_len else stride)
+
+
+def bits_per_byte(total_nll: float, num_bytes: int) -> float | None:
+    """Summed NLL (nats) of a split per byte of its UTF-8 text, in bits: the one unit in which
+    word, BPE and byte runs of the same text can be compared (None for an empty split)."""
+    return total_nll / math.log(2) / num_bytes if num_bytes else None
+
+
+def word_perplexity(total_nll: float, num_words: int | None) -> float | None:
+    """Perplexity per word of the published convention (words + one ``<eos>`` per line) from a
+    split's summed NLL under any tokenizer: how subword and byte runs are put beside word-level
+    ones (None where the split's words are not counted)."""
+    return math.exp(total_nll / num_words) if num_words else None

@@ -22,13 +22,16 @@ from .validation import MAX_RUN_NAME
 TRAINING_FIELDS = ("dropout", "batch_size", "epochs", "max_steps", "max_tokens",
                    "budget_flops", "budget_seconds", "lr", "weight_decay", "grad_clip",
                    "warmup_steps", "min_lr_ratio", "seed", "eval_stride")
-DATA_FIELDS = ("variant", "split_scheme", "tokenizer")
+DATA_FIELDS = ("dataset", "variant", "split_scheme", "tokenizer")
 # the model sizes both architectures read: a comparison across them is not like for like
 SHARED_MODEL_FIELDS = ("d_model", "n_layers", "n_seq", "tie_weights")
 SETUP_FIELDS = SHARED_MODEL_FIELDS + TRAINING_FIELDS + DATA_FIELDS
 BOOKKEEPING_FIELDS = ("data_dir", "device", "eval_batch_size", "checkpoint_every",
                       "keep_checkpoints", "tensorboard", "allow_noncausal")
 IDENTITY_FIELDS = ("model_name", "architecture")
+# results written before a field existed ran with what it now names: every run before
+# --dataset was a WikiText-2 run
+LEGACY_DEFAULTS = {"dataset": "wikitext-2"}
 # the model settings only some architectures read; any other model setting (the flags, their
 # own settings) applies to every architecture
 OWN_FIELDS = {
@@ -84,6 +87,6 @@ def variant_suffix(base: Mapping[str, Any], overrides: Mapping[str, Any],
     return suffix
 
 
-__all__ = ["TRAINING_FIELDS", "DATA_FIELDS", "SHARED_MODEL_FIELDS", "SETUP_FIELDS",
-           "BOOKKEEPING_FIELDS", "IDENTITY_FIELDS", "OWN_FIELDS", "ignored_by", "renames_run",
+__all__ = ["LEGACY_DEFAULTS", "TRAINING_FIELDS", "DATA_FIELDS", "SHARED_MODEL_FIELDS",
+           "SETUP_FIELDS", "BOOKKEEPING_FIELDS", "IDENTITY_FIELDS", "OWN_FIELDS", "ignored_by", "renames_run",
            "format_value", "variant_suffix"]

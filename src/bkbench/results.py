@@ -77,6 +77,11 @@ class BenchmarkResults:
     memory: dict[str, Any] | None = None
     # was the machine busy over the timed steps? (bkbench.metrics.contention; null: unknown)
     contention: dict[str, Any] | None = None
+    # held-out NLL in bits per byte of the split's UTF-8 text: comparable across tokenizers
+    test_bits_per_byte: float | None = None
+    valid_bits_per_byte: float | None = None
+    # test perplexity per word (words + <eos> per line) whatever the tokenizer (eval.word_perplexity)
+    test_word_perplexity: float | None = None
 
     # durability: seconds spent writing checkpoints (excluded from training_time)
     checkpoint_time: float | None = None

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError
-from .fields import (BOOKKEEPING_FIELDS, DATA_FIELDS, IDENTITY_FIELDS, SETUP_FIELDS,
-                     SHARED_MODEL_FIELDS, TRAINING_FIELDS, format_value, ignored_by,
+from .fields import (BOOKKEEPING_FIELDS, DATA_FIELDS, IDENTITY_FIELDS, LEGACY_DEFAULTS,
+                     SETUP_FIELDS, SHARED_MODEL_FIELDS, TRAINING_FIELDS, format_value, ignored_by,
                      renames_run, variant_suffix)
 
 # --- setups ---------------------------------------------------------------------------------
 
 def setup_of(config: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The shared setup of a run: its setup fields and, when known, the sha256 of its data."""
+    config = {**LEGACY_DEFAULTS, **config}
     setup = {k: config.get(k) for k in SETUP_FIELDS}
     if data and data.get("checksums"):
         setup["data_checksums"] = dict(sorted(data["checksums"].items()))
@@ -124,6 +125,7 @@ def run_dir(output_dir: str | Path, run_name: str) -> Path:
 def config_changes(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The fields, bookkeeping aside, in which a finished run's config differs from ``config``:
     empty means that rerunning it would compute the same numbers."""
+    stored = {**LEGACY_DEFAULTS, **stored}
     keys = (set(stored) | set(config)) - set(BOOKKEEPING_FIELDS)
     return [f"{k}: finished run has {stored.get(k)!r}, this one {config.get(k)!r}"
             for k in sorted(keys) if stored.get(k) != config.get(k)]

@@ -16,6 +16,8 @@ def summary_rows(results: Iterable[BenchmarkResults]) -> list[dict[str, str]]:
             "params": f"{r.num_parameters:,}",
             "valid ppl": f"{r.valid_perplexity:.2f}{flag}",
             "test ppl": f"{r.test_perplexity:.2f}{flag}",
+            "test bits/byte": "n/a" if r.test_bits_per_byte is None else f"{r.test_bits_per_byte:.3f}",
+            "test word ppl": "n/a" if r.test_word_perplexity is None else f"{r.test_word_perplexity:.2f}",
             "test tokens": f"{r.test_tokens:,}",
             "train time (s)": f"{r.training_time:.1f}",
             "tokens/s": f"{r.tokens_per_second:,.0f}",
@@ -40,8 +42,10 @@ def print_summary(results: Iterable[BenchmarkResults]) -> None:
     results = list(results)
     if results:
         cfg = results[0].config
-        scheme, unit = cfg.get("split_scheme"), "byte" if cfg.get("tokenizer") == "byte" else "word"
-        print(f"\nWikiText-2, {cfg.get('variant')} form, perplexity per {unit} ({scheme} split scheme"
+        scheme, tokenizer = cfg.get("split_scheme"), cfg.get("tokenizer", "word")
+        unit = {"word": "word", "byte": "byte"}.get(tokenizer, f"token ({tokenizer})")
+        print(f"\n{cfg.get('dataset', 'wikitext-2')}, {cfg.get('variant')} form, perplexity per "
+              f"{unit} ({scheme} split scheme"
               + (": PROXY data, not comparable to official numbers" if scheme == "proxy" else "")
               + ")")
     print(format_table(summary_rows(results)))
