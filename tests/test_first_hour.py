@@ -90,10 +90,10 @@ def test_api_refuses_to_replace_a_finished_result(tmp_path):
 def quick_check(tmp_path_factory):
     """The README's quick check (one run, 2 steps), run after a main command's results exist
     in the default folder, from a fresh working directory, with stderr to a file."""
-    from conftest import SHARED_DATA
+    from conftest import MISSING_DATA, SHARED_DATA, have_shared_data
 
-    if not (SHARED_DATA / "wiki.valid.tokens").is_file():
-        pytest.skip(f"WikiText-2 files not found at {SHARED_DATA}")
+    if not have_shared_data():
+        pytest.skip(MISSING_DATA)
     cwd = tmp_path_factory.mktemp("user")
     default = cwd / "benchmark_results" / "wikitext2" / "default"
     default.mkdir(parents=True)
@@ -401,3 +401,58 @@ def test_terminal_gets_a_bar_a_file_gets_lines(tty, monkeypatch, caplog, tiny_co
         assert "4/4" in bar and "\r" in bar and lines == []
     else:
         assert bar == "" and [l.split()[2] for l in lines] == ["1/4", "2/4", "3/4", "4/4"]
+
+
+# --- the tests find their data (issue 28) ---------------------------------------------------
+
+def test_tests_find_data_through_bkbench_data_dir_and_skips_name_it(tmp_path):
+    import os
+
+    code = "import conftest; print(conftest.SHARED_DATA); print(conftest.MISSING_DATA)"
+    env = {**os.environ, "BKBENCH_DATA_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    folder, reason = proc.stdout.splitlines()
+    assert Path(folder) == tmp_path
+    assert "BKBENCH_DATA_DIR" in reason and str(tmp_path) in reason
+    readme = (ROOT / "README.md").read_text()
+    assert "BKBENCH_DATA_DIR=DIR python -m pytest" in readme
+
+
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen".split())}
+
+
+def test_docs_state_the_flag_count_and_full_run_of_the_registry():
+    """What the README and docs say about how many flags there are and which resnet_bk_full
+    turns on is the registry's and DEFAULT_RUNS' (docs/models.md once said one flag)."""
+    import re
+
+    from bkbench.config import DEFAULT_RUNS
+    from bkbench.flags.registry import REGISTRY
+
+    full = {k for k, v in DEFAULT_RUNS["resnet_bk_full"].items() if k.startswith("use_") and v}
+    assert full == set(REGISTRY)
+    counted = 0
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = " ".join(page.read_text().split())
+        for words in re.findall(r"\b(?:all|the) (\w+) optimi[sz]ation flags|`resnet_bk_full` \(all (\w+)\)", text):
+            word = "".join(words)
+            if word in _NUMBER_WORDS:
+                assert _NUMBER_WORDS[word] == len(REGISTRY), f"{page.name}: '{word}' flags"
+                counted += 1
+        for row in re.findall(r"^\| `resnet_bk_full` \|.*$", page.read_text(), re.M):
+            named = set(re.findall(r"`(use_\w+)`", row))
+            assert not named or named == full, f"{page.name} names {named} for resnet_bk_full"
+    assert counted >= 3
+
+
+def test_dev_extra_installs_no_gpu_toolchain_and_gpu_does():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {k: {d.split(";")[0].split("<")[0].split(">")[0].split("=")[0].strip() for d in v}
+             for k, v in extras.items()}
+    assert not names["dev"] & {"triton", "fla-core", "nvidia-cuda-runtime-cu12"}
+    assert "triton" in names["gpu"]
