@@ -456,3 +456,17 @@ def test_dev_extra_installs_no_gpu_toolchain_and_gpu_does():
              for k, v in extras.items()}
     assert not names["dev"] & {"triton", "fla-core", "nvidia-cuda-runtime-cu12"}
     assert "triton" in names["gpu"]
+
+
+def test_run_head_prints_only_the_settings_of_flags_that_are_on():
+    from bkbench.runs import settings_lines
+
+    (plain,) = build_run_configs("smoke", models=["resnet_bk_baseline"])
+    head = "\n".join(settings_lines(plain.to_dict()))
+    assert "flag_settings" not in head and "koopman" not in head and "flags: none" in head
+    koopman = plain.replace(use_koopman=True, model_name="k").to_dict()
+    koopman["flag_settings"]["koopman"]["weight"] = 0.25
+    lines = settings_lines(koopman)
+    assert "    use_koopman: weight=0.25 " in "\n".join(lines) + " "
+    assert "flag_settings" not in "\n".join(lines) and "early_exit" not in "\n".join(lines)
+    assert len(lines) == len(settings_lines(plain.to_dict())) + 1
