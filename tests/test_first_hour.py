@@ -470,3 +470,36 @@ def test_run_head_prints_only_the_settings_of_flags_that_are_on():
     assert "    use_koopman: weight=0.25 " in "\n".join(lines) + " "
     assert "flag_settings" not in "\n".join(lines) and "early_exit" not in "\n".join(lines)
     assert len(lines) == len(settings_lines(plain.to_dict())) + 1
+
+
+def test_every_subcommand_help_imports_no_torch():
+    """`bkbench run --help` imported the flag modules (hence torch) for its options: 2.6 s on
+    a quiet machine, 13-23 s on a loaded one. The options now come from flag_options."""
+    from bkbench import flag_options
+    from bkbench.cli import build_parser
+
+    assert (flag_options.FLAG_HELP, flag_options.SETTINGS) == flag_options.from_registry(), \
+        "src/bkbench/flag_options.py is stale: python -m bkbench.flag_options"
+    commands = list(next(a for a in build_parser(None)._actions
+                         if isinstance(a, __import__("argparse")._SubParsersAction)).choices)
+    assert {"run", "audit", "ablate", "scale", "report"} <= set(commands)
+    code = ("import sys, contextlib, io\n"
+            "from bkbench.cli import main\n"
+            f"for command in {commands!r}:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try: main([command, '--help'])\n"
+            "        except SystemExit: pass\n"
+            "    print(command, len(out.getvalue()), '--use-koopman' in out.getvalue(),\n"
+            "          '--koopman-weight' in out.getvalue())\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *rows, imported = proc.stdout.splitlines()
+    assert imported == "[]", imported
+    shown = {c: (int(n), flag == "True", setting == "True")
+             for c, n, flag, setting in (r.split() for r in rows)}
+    assert all(n > 200 for n, _, _ in shown.values())
+    assert shown["run"][1:] == (True, True) and shown["audit"][1:] == (True, True)
+    assert shown["ablate"][1:] == (False, True)  # its rows choose the flags

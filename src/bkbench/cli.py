@@ -82,23 +82,19 @@ def _audit_field(name: str) -> bool:
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
-    from .flags import registry as flag_registry   # imports torch: only for the command used
+    # the registry's options as written out in flag_options: the flag modules import torch
+    from . import flag_options
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
         if f.name in _DEDICATED or f.name in _NOT_OPTIONS or f.name in exclude:
             continue
-        kind = _field_type(f)
-        help_text = _FIELD_HELP.get(f.name)
-        if f.name.startswith("use_"):
-            spec = flag_registry.REGISTRY[f.name]
-            help_text = f"{spec.summary} ({', '.join(spec.architectures)})"
-        _add_option(group, f.name, kind, help_text)
+        help_text = flag_options.FLAG_HELP.get(f.name, _FIELD_HELP.get(f.name))
+        _add_option(group, f.name, _field_type(f), help_text)
     settings = parser.add_argument_group(
         "flag settings (used when the flag is on; see docs/flags.md)")
-    for name, (spec, f) in flag_registry.settings_fields().items():
-        kind = flag_registry.setting_type(spec.settings, f.name)
-        help_text = f"{spec.name}: {f.metadata.get('help', f.name)} (default: {f.default!r})"
-        _add_option(settings, name, kind, help_text)
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    for name, (kind, help_text) in flag_options.SETTINGS.items():
+        _add_option(settings, name, kinds[kind], help_text)
 
 
 def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
