@@ -100,7 +100,7 @@ def quick_check(tmp_path_factory):
     (config,) = build_run_configs("default", models=["transformer_baseline"])
     main_files = _fake_finished_run(default, "transformer_baseline", config.to_dict())
     args = ["run", "--preset", "smoke", "--data-dir", str(SHARED_DATA), "--split-scheme",
-            "proxy", "--models", "transformer_baseline", "--max-steps", "2"]
+            "proxy", "--models", "transformer_baseline", "--max-steps", "2", "--threads", "1"]
     log = cwd / "stderr.log"
     with open(log, "w") as err:
         proc = bkbench(*args, "--progress-interval", "0.001", cwd=cwd, stderr=err)
@@ -154,7 +154,8 @@ def test_python_api_computes_what_the_cli_computes(quick_check, tmp_path):
               "from bkbench import BenchmarkConfig, WikiText2Benchmark\n"
               "config = BenchmarkConfig.from_preset('smoke', model_name='transformer_baseline',"
               f" split_scheme='proxy', data_dir={str(SHARED_DATA)!r}, max_steps=2)\n"
-              "r = WikiText2Benchmark(sys.argv[1], progress=False).run_benchmark(config)\n")
+              "r = WikiText2Benchmark(sys.argv[1], progress=False, threads='1')"
+              ".run_benchmark(config)\n")
     out = tmp_path / "api"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
                           text=True, timeout=600)

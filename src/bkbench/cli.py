@@ -108,6 +108,21 @@ def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
                            help=help_text)
 
 
+def _threads(text: str) -> str:
+    from .threads import parse_threads
+    try:
+        return parse_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="auto|N",
+                        help="torch threads per run: 'auto' uses the CPUs that other "
+                             "processes leave free when the run starts (at least one), N "
+                             "exactly N; recorded in the results (default: %(default)s)")
+
+
 def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     """The parser; the config-field options (which need the flag registry, hence torch) are
     added to ``command``'s subparser only ("all": every one; None: none, for ``--help``)."""
@@ -163,6 +178,7 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
                      help="seconds between progress lines (step, loss, tokens/s, ETA) when "
                           "stderr is not a terminal (default: %(default)s)")
+    _add_threads(run)
     add_config_fields("run", run)
 
     audit = sub.add_parser(
@@ -333,7 +349,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             lock = RunLock(output_dir).acquire()
     try:
         bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
-                                   progress_interval=args.progress_interval)
+                                   progress_interval=args.progress_interval,
+                                   threads=args.threads)
         # load the data and size the training and the model before any work, so that bad
         # input stops everything
         for config in configs:
@@ -353,9 +370,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 # ("terminate called without an active exception", seen 4 times in 9 runs)
                 dist.barrier()
         except RunFailedError as exc:
-            return exc.exit_code
+            return _report_what_finished(output_dir, exc.exit_code, is_main)
         except (TrainingInterrupted, TrainingDivergedError) as exc:
-            return failure_exit_code(exc)
+            return _report_what_finished(output_dir, failure_exit_code(exc), is_main)
         finally:
             if distributed:
                 dist.destroy_process_group()
@@ -369,6 +386,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _report_what_finished(output_dir: Path, exit_code: int, is_main: bool) -> int:
+    """After an interrupted or failed run: the report of the runs that finished, then the
+    run's exit code (the report's own is not the command's)."""
+    if is_main and any(output_dir.glob("*_results.json")):
+        from .report import report_main
+        print(f"\nbkbench: writing the report of the runs that finished in {output_dir}",
+              file=sys.stderr)
+        try:
+            report_main(str(output_dir))
+        except KeyboardInterrupt:   # a second Ctrl-C: stop, the results are on disk
+            print("bkbench: report interrupted; rebuild it with bkbench report "
+                  f"{output_dir}", file=sys.stderr)
+    return exit_code
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -78,6 +78,11 @@ class BenchmarkResults:
     # was the machine busy over the timed steps? (bkbench.metrics.contention; null: unknown)
     contention: dict[str, Any] | None = None
 
+    # wall seconds of the run's phases (bkbench.progress.Phases): warm-up, build and causality
+    # audit, training and evaluation (the evaluations also apart), FLOPs count, each flag's
+    # record, and the whole run; null in results written before they were kept
+    phase_seconds: dict[str, float] | None = None
+
     # durability: seconds spent writing checkpoints (excluded from training_time)
     checkpoint_time: float | None = None
     checkpoints_written: int | None = None
