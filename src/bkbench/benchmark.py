@@ -282,26 +282,30 @@ class WikiText2Benchmark:
         folder as they come, so that ``--resume`` after an interruption here redoes only the
         records that had not finished (of the same config and the same final step)."""
         kept_path = self.run_dir(config.model_name) / "flag_records.json"
-        key = {"config": config.to_dict(), "steps": run.outcome.steps}
-        kept: dict[str, Any] = {}
+        key = json.loads(json.dumps({"config": config.to_dict(), "steps": run.outcome.steps}))
+        kept: dict[str, Any] = {"key": key, "records": {}, "seconds": {}}
         if not resume:
             kept_path.unlink(missing_ok=True)
         elif kept_path.is_file():
             try:
                 saved = json.loads(kept_path.read_text())
-                kept = saved["records"] if saved.get("key") == json.loads(json.dumps(key)) else {}
+                if saved.get("key") == key:
+                    kept.update(records=dict(saved["records"]), seconds=dict(saved["seconds"]))
             except (ValueError, KeyError, TypeError, OSError):
-                kept = {}
+                pass   # unreadable: measure every record again
 
         def record_one(name: str, measure) -> dict[str, Any]:
-            if name in kept:
-                log.info("%s: %s record kept from the interrupted run", config.model_name, name)
-                return kept[name]
+            phase = f"{name} record"
+            if name in kept["records"]:
+                log.info("%s: %s kept from the interrupted run", config.model_name, phase)
+                phases.seconds[phase] = kept["seconds"].get(name, 0.0)
+                return kept["records"][name]
             seed_everything(config.seed)   # each record's draws do not depend on the others'
-            with phases(f"{name} record"):
+            with phases(phase):
                 measured = measure()
-            kept[name] = measured
-            write_json_atomic(kept_path, {"key": key, "records": kept})
+            kept["records"][name] = measured
+            kept["seconds"][name] = phases.seconds[phase]
+            write_json_atomic(kept_path, kept)
             return measured
 
         return run.flags.record(run.trainer, run.outcome, run_one=record_one)
