@@ -199,3 +199,110 @@ def test_ctrl_c_in_the_second_run_writes_the_report_of_the_first(shared_data_dir
     assert (out / "transformer_baseline_results.json").is_file()
     assert not (out / "resnet_bk_baseline_results.json").exists()
     assert "transformer_baseline" in (out / "report.md").read_text()
+
+
+# --- scale: vocabulary from the preset, contention marked, Ctrl-C and --resume ---------------
+
+def test_scale_vocabulary_comes_from_the_preset():
+    from bkbench.config import build_run_configs
+    from bkbench.experiments.scale import preset_vocab_size
+
+    (smoke,) = build_run_configs("smoke", models=["transformer_baseline"])
+    (default,) = build_run_configs("default", models=["transformer_baseline"])
+    assert preset_vocab_size(smoke) == 256            # byte-level: was 13,777 under smoke
+    assert preset_vocab_size(default) == 33_278
+    assert preset_vocab_size(default.replace(split_scheme="proxy")) == 13_777
+
+
+def test_contended_sweep_points_make_the_time_claim_untestable():
+    from bkbench.report import audit_claims
+    from test_report import passing_set
+
+    def point(model, n, spt, busy):
+        return {"model_name": model, "value": n, "seconds_per_token": spt,
+                "peak_memory_mb": 100.0 if model.startswith("t") else 50.0,
+                "flops_per_token": 1.0, "mixer_flops_per_token": 1.0,
+                "tokens_per_second": 1 / spt,
+                "contention": {"contended": busy, "reasons": ["mean load 6 > 2.5"] if busy else []}}
+
+    results = {k: v for k, v in passing_set().items()}
+    for r in results.values():
+        r.config["n_seq"] = 128            # the runs cannot test the time claim themselves
+    verdict = {}
+    for busy in (False, True):
+        points = [point("transformer_baseline", n, 1e-6 * n, busy) for n in (512, 2048)] + \
+                 [point("resnet_bk_full", n, 2e-5 / 8, False) for n in (512, 2048)]
+        scale = {"axis": "n_seq", "values": [512, 2048], "points": points, "configs": {},
+                 "fits": {}}
+        claims = {c.name: c for c in audit_claims(results, scale=scale)}
+        verdict[busy] = claims["training_time"]
+        assert claims["peak_memory"].verdict == "PASS"    # memory does not care about load
+    assert verdict[False].verdict == "PASS"
+    assert verdict[True].verdict == "UNTESTABLE"
+    assert "transformer_baseline at n_seq = 2048" in verdict[True].reason
+    assert "mean load 6 > 2.5" in verdict[True].reason
+
+
+@pytest.mark.slow
+def test_scale_ctrl_c_keeps_finished_points_and_resume_measures_the_rest(tmp_path):
+    out = tmp_path / "scale"
+    args = [sys.executable, "-m", "bkbench", "scale", "--preset", "smoke", "--n-seq", "16,32",
+            "--models", "transformer_baseline", "--steps", "1", "--warmup", "0",
+            "--output-dir", str(out)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "point 2 of 2: transformer_baseline n_seq=32 ..." in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=600) == 130, "".join(lines) + rest
+    assert rest.strip().splitlines() == [
+        f"bkbench scale: interrupted after 1 of 2 points; they are kept in {out / 'scale.json'}."
+        " Run the same command with --resume to measure the rest."], rest
+    partial = json.loads((out / "scale.json").read_text())
+    assert partial["complete"] is False and [p["value"] for p in partial["points"]] == [16]
+    assert partial["points"][0]["contention"]["timed_wall_s"] > 0
+    assert partial["vocab_size"] == 256
+
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "point 1 of 2" not in resumed.stderr and "point 2 of 2" in resumed.stderr
+    final = json.loads((out / "scale.json").read_text())
+    assert final["complete"] is True and [p["value"] for p in final["points"]] == [16, 32]
+    assert final["points"][0] == partial["points"][0]
+
+
+def test_ablate_output_folder_is_per_preset(tmp_path, monkeypatch):
+    import bkbench.experiments.ablate as ablate
+    from bkbench.cli import main
+
+    seen = {}
+
+    def fake_run_ablation(base, output_dir, **kw):
+        seen["dir"] = output_dir
+        raise KeyboardInterrupt   # stop before any work; main turns it into exit 130
+    monkeypatch.setattr(ablate, "run_ablation", fake_run_ablation)
+    monkeypatch.chdir(tmp_path)
+    assert main(["ablate", "--preset", "smoke"]) == 130
+    assert seen["dir"] == Path("benchmark_results") / "ablation" / "smoke"
+
+
+def test_run_all_numbers_the_runs_and_ablate_calls_them_rows(tmp_path, monkeypatch):
+    from bkbench.config import build_run_configs
+
+    seen = []
+
+    def fake_isolated(self, config, resume, overwrite=False, command=None):
+        seen.append((command.label(), list(command.finished_seconds)))
+        return config.model_name
+    monkeypatch.setattr(WikiText2Benchmark, "_run_isolated", fake_isolated)
+    configs = build_run_configs("smoke")
+    bench = WikiText2Benchmark(tmp_path, progress=False)
+    assert bench.run_all(configs, isolate=True, unit="row") == [c.model_name for c in configs]
+    assert [label for label, _ in seen] == ["row 1 of 3", "row 2 of 3", "row 3 of 3"]
+    assert [len(done) for _, done in seen] == [0, 1, 2]   # each ETA knows the runs before it

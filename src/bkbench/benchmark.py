@@ -359,14 +359,16 @@ class WikiText2Benchmark:
         )
 
     def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,
-                isolate: bool = False, overwrite: bool = False) -> list[BenchmarkResults]:
+                isolate: bool = False, overwrite: bool = False,
+                unit: str = "run") -> list[BenchmarkResults]:
         """Run each config; with ``isolate`` each in a child process of its own. Progress says
-        "run k of n" and the command's ETA, estimated from the runs finished so far."""
+        "run k of n" (``unit`` k of n) and the command's ETA, estimated from the runs finished
+        so far."""
         for c in configs:  # refuse before the first run starts, not between runs
             self.check_can_write(c, resume=resume, overwrite=overwrite)
         results, finished = [], []
         for index, config in enumerate(configs, 1):
-            command = CommandProgress(index, len(configs), list(finished))
+            command = CommandProgress(index, len(configs), list(finished), unit=unit)
             if isolate:
                 results.append(self._run_isolated(config, resume, overwrite, command))
             else:

@@ -218,8 +218,9 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     ablate.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="WikiText-2 folder")
     ablate.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"])
     ablate.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    ablate.add_argument("--output-dir", type=Path, default=Path("benchmark_results/ablation"),
-                        help="where the rows' results and the table go (default: %(default)s)")
+    ablate.add_argument("--output-dir", type=Path,
+                        help="where the rows' results and the table go (default: "
+                             "benchmark_results/ablation/PRESET, one folder per preset)")
     ablate.add_argument("--resume", action="store_true",
                         help="continue unfinished rows and reuse complete ones")
     ablate.add_argument("--overwrite", action="store_true", help="redo an existing ablation")
@@ -246,15 +247,20 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                        help="tokens per training batch along an n_seq sweep (batch = T // n_seq; "
                             "default: the preset's batch_size x n_seq, or the longest n_seq swept "
                             "if that is more)")
-    scale.add_argument("--vocab-size", type=int, default=13777,
-                       help="vocabulary of the measured models (default: %(default)s, the proxy "
-                            "scheme's word vocabulary)")
+    scale.add_argument("--vocab-size", type=int,
+                       help="vocabulary of the measured models (default: the preset's: 256 "
+                            "bytes with tokenizer=byte, as smoke; else the WikiText-2 word "
+                            "vocabulary, 33,278, or 13,777 with --split-scheme proxy)")
+    scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
+                       help="whose word vocabulary the models get (no data is read)")
     scale.add_argument("--steps", type=int, default=5, help="timed steps per point (median)")
     scale.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     scale.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
     scale.add_argument("--output-dir", type=Path, default=Path("benchmark_results/scale"),
                        help="where scale.json and the plots go (default: %(default)s)")
     scale.add_argument("--overwrite", action="store_true", help="replace an existing scale.json")
+    scale.add_argument("--resume", action="store_true",
+                       help="measure only the points an interrupted sweep's scale.json lacks")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
@@ -442,33 +448,43 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if seeds is not None and "seed" in overrides:
         raise ConfigError("give either --seed or --seeds, not both")
     base = build_run_configs(args.preset, file_values, overrides, ["resnet_bk_baseline"])[0]
+    output_dir = args.output_dir or Path("benchmark_results") / "ablation" / args.preset
     try:
-        table = run_ablation(base, args.output_dir,
+        table = run_ablation(base, output_dir,
                              seeds=parse_seeds(seeds) if seeds is not None else None,
                              jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.quiet)
     except RunFailedError as exc:
         return exc.exit_code
     print(format_table(table))
-    print(f"written: {args.output_dir / 'ablation.json'}, ablation.md, ablation.png")
+    print(f"written: {output_dir / 'ablation.json'}, ablation.md, ablation.png")
     return 0
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from .experiments.scale import format_scale, parse_int_list, run_scale
+    from .experiments.scale import (ScaleInterrupted, format_scale, parse_int_list,
+                                    preset_vocab_size, run_scale)
 
     axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
-    if args.vocab_size < 2:
+    if args.vocab_size is not None and args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
     if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
         raise ConfigError(f"--tokens-per-batch must be positive, got {args.tokens_per_batch}")
     if not args.models:
         args.models = "transformer_baseline,resnet_bk_full"
     configs = _configs_from_args(args)
-    result = run_scale(configs, axis, values, args.vocab_size, args.output_dir,
-                       tokens_per_batch=args.tokens_per_batch, steps=args.steps,
-                       warmup=args.warmup, overwrite=args.overwrite, progress=not args.quiet)
+    vocab_size = args.vocab_size or preset_vocab_size(configs[0])
+    try:
+        result = run_scale(configs, axis, values, vocab_size, args.output_dir,
+                           tokens_per_batch=args.tokens_per_batch, steps=args.steps,
+                           warmup=args.warmup, overwrite=args.overwrite,
+                           progress=not args.quiet, resume=args.resume)
+    except ScaleInterrupted as exc:
+        print(f"bkbench scale: {exc}", file=sys.stderr)
+        return 128 + 2
     print(format_scale(result))
     print(f"\nwritten: {args.output_dir / 'scale.json'}")
     return 0

@@ -45,9 +45,10 @@ class CommandProgress:
     count: int
     finished_seconds: list[float] = field(default_factory=list)
     run_started: float = field(default_factory=time.time)   # wall clock: crosses processes
+    unit: str = "run"   # what the command calls one of its runs (an ablation's "row")
 
     def label(self) -> str:
-        return f"run {self.index} of {self.count}"
+        return f"{self.unit} {self.index} of {self.count}"
 
     def eta(self, run_remaining: float, now: float | None = None) -> float:
         later = self.count - self.index
