@@ -602,9 +602,11 @@ class Trainer:
             dist.all_reduce(ce)
         return ce.item() / global_tokens, grad_norm.item()
 
-    def _validate(self, split: torch.Tensor, phase: str) -> EvalResult:
+    def _validate(self, split: torch.Tensor) -> EvalResult:
         self._sync()
         start = time.perf_counter()
+        phase = ("test evaluation" if split is self.data.test
+                 else f"validation after epoch {self.progress.epoch + 1}")
         with self.phases(phase):
             result = self.evaluate(self.flags.prepare_for_eval(self.model), split)
         self._sync()
@@ -716,7 +718,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         p = self.progress
         self.flags.on_epoch_end(self)
-        valid = self._validate(self.data.valid, f"validation after epoch {p.epoch + 1}")
+        valid = self._validate(self.data.valid)
         p.epoch_losses.append(p.epoch_loss_sum / max(1, p.epoch_loss_count))
         p.epoch_perplexities.append(valid.perplexity)
         p.epoch_times.append(p.epoch_time)
@@ -770,7 +772,7 @@ class Trainer:
         self.model.load_state_dict(self.best_state)
         valid = EvalResult(**{k: p.best_valid[k] for k in
                               ("loss", "num_tokens", "total_nll", "seq_len", "stride")})
-        test = self._validate(self.data.test, "test evaluation")
+        test = self._validate(self.data.test)
         tps = p.timed_tokens / p.timed_time if p.timed_time > 0 else p.tokens / max(p.training_time, 1e-9)
         return TrainOutcome(
             epoch_losses=p.epoch_losses, epoch_perplexities=p.epoch_perplexities,
