@@ -1,14 +1,28 @@
-"""Shared fixtures: the WikiText-2 files beside the project, and a tiny synthetic corpus."""
+"""Shared fixtures: the WikiText-2 files, and a tiny synthetic corpus.
+
+The tests that read WikiText-2 find it in ``$BKBENCH_DATA_DIR`` when that is set (the variable
+bkbench itself reads), else in ``../shared/data/wikitext-2`` beside the repository; without
+the files they are skipped with a reason that names the variable.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+SHARED_DATA = Path(os.environ.get("BKBENCH_DATA_DIR") or
+                   Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2")
+NEEDED_FILES = ("wiki.valid.tokens", "wiki.test.tokens")
+MISSING_DATA = (f"WikiText-2 files ({', '.join(NEEDED_FILES)}) not found in {SHARED_DATA}; "
+                "set BKBENCH_DATA_DIR to the folder that holds them")
+
+
+def have_shared_data() -> bool:
+    return all((SHARED_DATA / f).is_file() for f in NEEDED_FILES)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,8 +36,8 @@ def _private_bkbench_cache(tmp_path_factory):
 
 @pytest.fixture
 def shared_data_dir() -> Path:
-    if not (SHARED_DATA / "wiki.valid.tokens").is_file():
-        pytest.skip(f"WikiText-2 files not found at {SHARED_DATA}")
+    if not have_shared_data():
+        pytest.skip(MISSING_DATA)
     return SHARED_DATA
 
 

@@ -1,7 +1,7 @@
 """Tests of bkbench.data against the real WikiText-2 validation and test files.
 
-The files live in the shared folder next to the repository (../shared/data/wikitext-2); tests that
-need them are skipped when it is absent.  No test touches the network: the Hugging Face Hub
+The files are found as conftest.SHARED_DATA says ($BKBENCH_DATA_DIR, else the shared folder
+next to the repository); tests that need them are skipped, naming the variable, without them.  No test touches the network: the Hugging Face Hub
 download function is replaced by fakes.
 """
 
@@ -20,14 +20,16 @@ import torch
 import bkbench.data as bd
 from bkbench.data import DataError, load_wikitext2
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+from conftest import SHARED_DATA as SHARED
+
 FILES = ("wiki.valid.tokens", "wiki.test.tokens", "wiki.valid.raw", "wiki.test.raw")
 EXPECTED_TOKENS = {"valid": 217_646, "test": 245_569}
 EXPECTED_LINES = {"valid": 3_760, "test": 4_358}
 
 needs_shared = pytest.mark.skipif(
     not all((SHARED / f).is_file() for f in FILES),
-    reason=f"the shared WikiText-2 validation/test files are not present in {SHARED}")
+    reason=f"WikiText-2 files ({', '.join(FILES)}) not found in {SHARED}; set BKBENCH_DATA_DIR "
+           "to the folder that holds them")
 
 
 def _hub_unreachable(*args, **kwargs):

@@ -90,17 +90,17 @@ def test_api_refuses_to_replace_a_finished_result(tmp_path):
 def quick_check(tmp_path_factory):
     """The README's quick check (one run, 2 steps), run after a main command's results exist
     in the default folder, from a fresh working directory, with stderr to a file."""
-    from conftest import SHARED_DATA
+    from conftest import MISSING_DATA, SHARED_DATA, have_shared_data
 
-    if not (SHARED_DATA / "wiki.valid.tokens").is_file():
-        pytest.skip(f"WikiText-2 files not found at {SHARED_DATA}")
+    if not have_shared_data():
+        pytest.skip(MISSING_DATA)
     cwd = tmp_path_factory.mktemp("user")
     default = cwd / "benchmark_results" / "wikitext2" / "default"
     default.mkdir(parents=True)
     (config,) = build_run_configs("default", models=["transformer_baseline"])
     main_files = _fake_finished_run(default, "transformer_baseline", config.to_dict())
     args = ["run", "--preset", "smoke", "--data-dir", str(SHARED_DATA), "--split-scheme",
-            "proxy", "--models", "transformer_baseline", "--max-steps", "2"]
+            "proxy", "--models", "transformer_baseline", "--max-steps", "2", "--threads", "1"]
     log = cwd / "stderr.log"
     with open(log, "w") as err:
         proc = bkbench(*args, "--progress-interval", "0.001", cwd=cwd, stderr=err)
@@ -154,7 +154,8 @@ def test_python_api_computes_what_the_cli_computes(quick_check, tmp_path):
               "from bkbench import BenchmarkConfig, WikiText2Benchmark\n"
               "config = BenchmarkConfig.from_preset('smoke', model_name='transformer_baseline',"
               f" split_scheme='proxy', data_dir={str(SHARED_DATA)!r}, max_steps=2)\n"
-              "r = WikiText2Benchmark(sys.argv[1], progress=False).run_benchmark(config)\n")
+              "r = WikiText2Benchmark(sys.argv[1], progress=False, threads='1')"
+              ".run_benchmark(config)\n")
     out = tmp_path / "api"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
                           text=True, timeout=600)
@@ -401,3 +402,105 @@ def test_terminal_gets_a_bar_a_file_gets_lines(tty, monkeypatch, caplog, tiny_co
         assert "4/4" in bar and "\r" in bar and lines == []
     else:
         assert bar == "" and [l.split()[2] for l in lines] == ["1/4", "2/4", "3/4", "4/4"]
+
+
+# --- the tests find their data (issue 28) ---------------------------------------------------
+
+def test_tests_find_data_through_bkbench_data_dir_and_skips_name_it(tmp_path):
+    import os
+
+    code = "import conftest; print(conftest.SHARED_DATA); print(conftest.MISSING_DATA)"
+    env = {**os.environ, "BKBENCH_DATA_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    folder, reason = proc.stdout.splitlines()
+    assert Path(folder) == tmp_path
+    assert "BKBENCH_DATA_DIR" in reason and str(tmp_path) in reason
+    readme = (ROOT / "README.md").read_text()
+    assert "BKBENCH_DATA_DIR=DIR python -m pytest" in readme
+
+
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen".split())}
+
+
+def test_docs_state_the_flag_count_and_full_run_of_the_registry():
+    """What the README and docs say about how many flags there are and which resnet_bk_full
+    turns on is the registry's and DEFAULT_RUNS' (docs/models.md once said one flag)."""
+    import re
+
+    from bkbench.config import DEFAULT_RUNS
+    from bkbench.flags.registry import REGISTRY
+
+    full = {k for k, v in DEFAULT_RUNS["resnet_bk_full"].items() if k.startswith("use_") and v}
+    assert full == set(REGISTRY)
+    counted = 0
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = " ".join(page.read_text().split())
+        for words in re.findall(r"\b(?:all|the) (\w+) optimi[sz]ation flags|`resnet_bk_full` \(all (\w+)\)", text):
+            word = "".join(words)
+            if word in _NUMBER_WORDS:
+                assert _NUMBER_WORDS[word] == len(REGISTRY), f"{page.name}: '{word}' flags"
+                counted += 1
+        for row in re.findall(r"^\| `resnet_bk_full` \|.*$", page.read_text(), re.M):
+            named = set(re.findall(r"`(use_\w+)`", row))
+            assert not named or named == full, f"{page.name} names {named} for resnet_bk_full"
+    assert counted >= 3
+
+
+def test_dev_extra_installs_no_gpu_toolchain_and_gpu_does():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {k: {d.split(";")[0].split("<")[0].split(">")[0].split("=")[0].strip() for d in v}
+             for k, v in extras.items()}
+    assert not names["dev"] & {"triton", "fla-core", "nvidia-cuda-runtime-cu12"}
+    assert "triton" in names["gpu"]
+
+
+def test_run_head_prints_only_the_settings_of_flags_that_are_on():
+    from bkbench.runs import settings_lines
+
+    (plain,) = build_run_configs("smoke", models=["resnet_bk_baseline"])
+    head = "\n".join(settings_lines(plain.to_dict()))
+    assert "flag_settings" not in head and "koopman" not in head and "flags: none" in head
+    koopman = plain.replace(use_koopman=True, model_name="k").to_dict()
+    koopman["flag_settings"]["koopman"]["weight"] = 0.25
+    lines = settings_lines(koopman)
+    assert "    use_koopman: weight=0.25 " in "\n".join(lines) + " "
+    assert "flag_settings" not in "\n".join(lines) and "early_exit" not in "\n".join(lines)
+    assert len(lines) == len(settings_lines(plain.to_dict())) + 1
+
+
+def test_every_subcommand_help_imports_no_torch():
+    """`bkbench run --help` imported the flag modules (hence torch) for its options: 2.6 s on
+    a quiet machine, 13-23 s on a loaded one. The options now come from flag_options."""
+    from bkbench import flag_options
+    from bkbench.cli import build_parser
+
+    assert (flag_options.FLAG_HELP, flag_options.SETTINGS) == flag_options.from_registry(), \
+        "src/bkbench/flag_options.py is stale: python -m bkbench.flag_options"
+    commands = list(next(a for a in build_parser(None)._actions
+                         if isinstance(a, __import__("argparse")._SubParsersAction)).choices)
+    assert {"run", "audit", "ablate", "scale", "report"} <= set(commands)
+    code = ("import sys, contextlib, io\n"
+            "from bkbench.cli import main\n"
+            f"for command in {commands!r}:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try: main([command, '--help'])\n"
+            "        except SystemExit: pass\n"
+            "    print(command, len(out.getvalue()), '--use-koopman' in out.getvalue(),\n"
+            "          '--koopman-weight' in out.getvalue())\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *rows, imported = proc.stdout.splitlines()
+    assert imported == "[]", imported
+    shown = {c: (int(n), flag == "True", setting == "True")
+             for c, n, flag, setting in (r.split() for r in rows)}
+    assert all(n > 200 for n, _, _ in shown.values())
+    assert shown["run"][1:] == (True, True) and shown["audit"][1:] == (True, True)
+    assert shown["ablate"][1:] == (False, True)  # its rows choose the flags

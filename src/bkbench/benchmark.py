@@ -13,19 +13,22 @@ peak memory and its state are not polluted by the runs before it. Files of a run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .audit import CausalityAudit, audit_causality, format_audit
+from .audit import audit_causality, format_audit
 from .config import BenchmarkConfig
 from .errors import ConfigError
 from .eval import bits_per_byte, word_perplexity
@@ -35,8 +38,12 @@ from .flags import build_model
 from .metrics.memory import PeakMemory, release_freed_memory
 from .results import BenchmarkResults, environment
 from . import runs
+from . import threads as threads_mod
+from .atomic import write_json_atomic
+from .progress import CommandProgress, Phases
 from .seeding import seed_everything
-from .train import Trainer, TrainOutcome, resolve_device
+from .threads import ThreadPolicy
+from .train import Trainer, resolve_device
 from .warmup import WARM_UP_VOCAB, warm_up
 
 log = logging.getLogger(__name__)
@@ -98,10 +105,34 @@ def _memory_fields(training: PeakMemory, setup: PeakMemory) -> dict[str, Any]:
     return fields
 
 
+@dataclass
+class _TrainedRun:
+    model: torch.nn.Module
+    flags: Any
+    trainer: Trainer
+    outcome: Any
+    audit: Any
+    memory: PeakMemory
+    setup_memory: PeakMemory
+
+
+def _policy_text(policy: ThreadPolicy) -> str:
+    if policy.requested != "auto":
+        return f"--threads {policy.requested}" if policy.requested != "unchanged" else \
+            "torch's setting, left unchanged"
+    return (f"auto: {policy.others_runnable} other runnable task(s) on "
+            f"{policy.cpus_available} CPU(s)"
+            + (f", OMP_WAIT_POLICY={policy.omp_wait_policy}" if policy.omp_wait_policy else ""))
+
+
 class WikiText2Benchmark:
     def __init__(self, output_dir: str | Path = DEFAULT_OUTPUT_DIR, progress: bool = True,
-                 progress_interval: float = 30.0):
+                 progress_interval: float = 30.0, threads: str | None = "auto"):
         self.output_dir = Path(output_dir)
+        # torch's intra-op threads per run, as the command line's --threads: "auto" (chosen
+        # from the machine's load when the run starts, bkbench.threads), a number, or None
+        # (torch's setting, left as it is). The count changes results in their last bits.
+        self.threads = threads
         self.progress = progress
         # seconds between progress lines when stderr is not a terminal (a tqdm bar when it is)
         self.progress_interval = progress_interval
@@ -143,10 +174,13 @@ class WikiText2Benchmark:
     # --- one run ---------------------------------------------------------------------------
 
     def run_benchmark(self, config: BenchmarkConfig, resume: bool = False,
-                      overwrite: bool = False) -> BenchmarkResults:
+                      overwrite: bool = False, command: CommandProgress | None = None,
+                      thread_policy: ThreadPolicy | None = None) -> BenchmarkResults:
         """Train and evaluate one run. An existing result or checkpoints of this run name stop
         it with ConfigError, unless ``resume`` (continue; skip a complete run of the same
-        config) or ``overwrite`` (replace them)."""
+        config) or ``overwrite`` (replace them). ``command``: where the run stands in its
+        command (run k of n, for the progress lines); ``thread_policy``: the threads it uses
+        (default: chosen now by ``self.threads``, see :mod:`bkbench.threads`)."""
         config.validate()
         self.check_can_write(config, resume=resume, overwrite=overwrite)
         device = resolve_device(config.device)
@@ -154,23 +188,29 @@ class WikiText2Benchmark:
         results_path = self.results_path(config.model_name)
         if resume and (done := self._complete_result(config, results_path)) is not None:
             return done
-
+        policy = self._apply_threads(thread_policy)
         is_main = not dist.is_initialized() or dist.get_rank() == 0
+        phases = Phases(config.model_name, self.progress_interval,
+                        enabled=self.progress and is_main, command=command)
+        started = time.monotonic()
         if is_main:  # the resolved settings, at the head of the run's log
             for line in runs.settings_lines(config.to_dict(), data.to_dict()):
                 log.info("%s", line)
             log.info("  output: %s, %s", results_path, self.run_dir(config.model_name))
-        # one-time set-up (imports, compiled kernels) is paid here, before the baseline, on a
-        # throwaway model of the run's architecture and flags
-        warm_up(self.build(config, WARM_UP_VOCAB)[0], config, device)
-        release_freed_memory()
-        with PeakMemory(device) as setup_memory:   # build, audit, trainer set-up
-            trainer, audit = self._audited_trainer(config, data, device, resume, is_main)
-        # the measured window: the training loop, above the baseline taken before the build
-        with PeakMemory(device, baseline_bytes=setup_memory.baseline_bytes) as memory:
-            outcome = trainer.fit()
-        results = self._results(config, data, trainer, outcome, audit,
-                                _memory_fields(memory, setup_memory), memory.increase_bytes)
+            log.info("  threads: %d (%s)", policy.threads, _policy_text(policy))
+        run = self._train(config, data, device, resume, phases, is_main)
+        with phases("FLOPs count"):
+            step_flops = measure_step_flops(
+                run.model, config.batch_size, config.n_seq, len(data.vocab), device=device,
+                optimizer=run.trainer.optimizer, compute_loss=run.trainer.compute_loss,
+                seed=config.seed)
+            eval_flops = measure_forward_flops(run.model, config.eval_batch_size, config.n_seq,
+                                               len(data.vocab), device=device, seed=config.seed)
+        flag_records = self._record_flags(config, run, phases, resume)
+        phases.seconds["run"] = time.monotonic() - started
+        results = self._results(config, data, device, run, step_flops, eval_flops, flag_records)
+        results.environment["thread_policy"] = policy.to_dict()
+        results.phase_seconds = {k: round(v, 3) for k, v in phases.seconds.items()}
         if is_main:
             results.save(results_path)
             log.info("%s: test perplexity %.2f (%d tokens), results in %s", config.model_name,
@@ -178,7 +218,7 @@ class WikiText2Benchmark:
         return results
 
     def _complete_result(self, config: BenchmarkConfig, path: Path) -> BenchmarkResults | None:
-        """The finished results of this very config at ``path`` (resume skips the run)."""
+        """The finished result of ``config`` at ``path`` (None: train the run)."""
         if not path.exists():
             return None
         try:
@@ -192,45 +232,93 @@ class WikiText2Benchmark:
         log.info("%s: complete results found at %s, skipping", config.model_name, path)
         return done
 
-    def _audited_trainer(self, config: BenchmarkConfig, data, device: torch.device,
-                         resume: bool, is_main: bool) -> tuple[Trainer, CausalityAudit]:
-        """The run's model built with its flags, audited for causality, in its trainer."""
-        vocab_size = len(data.vocab)
-        model, flags = self.build(config, vocab_size)
-        model = model.to(device)
-        with flags.autocast(device):  # the forward as training runs it
-            audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
-        if is_main:
-            log.info("%s causality audit: %s", config.model_name, format_audit(audit))
-        if not audit.causal and not config.allow_noncausal:
-            raise NonCausalModelError(
-                f"{config.model_name}: the model is not causal (largest change of an earlier "
-                f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
-                "not be trained as one. Pass --allow-noncausal to train it anyway (its "
-                "perplexities are then marked invalid).")
-        fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
-                       "tokenizer": config.tokenizer, "checksums": data.checksums}
-        trainer = Trainer(config, model, data, device,
-                          run_dir=self.run_dir(config.model_name), resume=resume,
-                          data_fingerprint=fingerprint, progress=self.progress,
-                          progress_interval=self.progress_interval, flags=flags)
-        return trainer, audit
+    def _apply_threads(self, policy: ThreadPolicy | None) -> ThreadPolicy:
+        if policy is None:
+            if self.threads is None:   # leave torch's setting (the library's default)
+                return ThreadPolicy("unchanged", torch.get_num_threads(),
+                                    threads_mod.cpus_available(), None, None,
+                                    os.environ.get("OMP_WAIT_POLICY"))
+            # in this process OpenMP has started: its wait policy is what it already is
+            policy = dataclasses.replace(threads_mod.choose(self.threads),
+                                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+        torch.set_num_threads(policy.threads)
+        return policy
 
-    def _results(self, config: BenchmarkConfig, data, trainer: Trainer, outcome: TrainOutcome,
-                 audit: CausalityAudit, memory: dict[str, Any],
-                 peak_increase_bytes: int) -> BenchmarkResults:
-        """The results of a finished run: its numbers, FLOPs, flags' records and set-up."""
-        model, device, vocab_size = trainer.model, trainer.device, len(data.vocab)
-        step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
-                                        device=device, optimizer=trainer.optimizer,
-                                        compute_loss=trainer.compute_loss, seed=config.seed)
-        eval_flops = measure_forward_flops(model, config.eval_batch_size, config.n_seq,
-                                           vocab_size, device=device, seed=config.seed)
+    def _train(self, config, data, device, resume: bool, phases: Phases,
+               is_main: bool) -> "_TrainedRun":
+        vocab_size = len(data.vocab)
+        # one-time set-up (imports, compiled kernels) is paid here, before the baseline, on a
+        # throwaway model of the run's architecture and flags
+        with phases("warm-up"):
+            warm_up(self.build(config, WARM_UP_VOCAB)[0], config, device)
+        release_freed_memory()
+        with PeakMemory(device) as setup_memory, phases("build and causality audit"):
+            model, flags = self.build(config, vocab_size)
+            model = model.to(device)
+            with flags.autocast(device):  # the forward as training runs it
+                audit = audit_causality(model, vocab_size, seq_len=config.n_seq, device=device)
+            if is_main:
+                log.info("%s causality audit: %s", config.model_name, format_audit(audit))
+            if not audit.causal and not config.allow_noncausal:
+                raise NonCausalModelError(
+                    f"{config.model_name}: the model is not causal (largest change of an earlier "
+                    f"logit: {audit.max_leak:.3g}); it is not a valid language model and will "
+                    "not be trained as one. Pass --allow-noncausal to train it anyway (its "
+                    "perplexities are then marked invalid).")
+            fingerprint = {"variant": config.variant, "scheme": config.split_scheme,
+                           "tokenizer": config.tokenizer, "checksums": data.checksums}
+            trainer = Trainer(config, model, data, device,
+                              run_dir=self.run_dir(config.model_name), resume=resume,
+                              data_fingerprint=fingerprint, progress=self.progress,
+                              progress_interval=self.progress_interval, flags=flags,
+                              phases=phases)
+        # the measured window: the training loop, above the baseline taken before the build
+        start = time.monotonic()
+        with PeakMemory(device, baseline_bytes=setup_memory.baseline_bytes) as memory:
+            outcome = trainer.fit()
+        phases.seconds["training and evaluation"] = time.monotonic() - start
+        return _TrainedRun(model, flags, trainer, outcome, audit, memory, setup_memory)
+
+    def _record_flags(self, config: BenchmarkConfig, run: "_TrainedRun", phases: Phases,
+                      resume: bool) -> dict[str, Any]:
+        """Each flag's record, a phase of its own. Finished records are kept in the run's
+        folder as they come, so that ``--resume`` after an interruption here redoes only the
+        records that had not finished (of the same config and the same final step)."""
+        kept_path = self.run_dir(config.model_name) / "flag_records.json"
+        key = json.loads(json.dumps({"config": config.to_dict(), "steps": run.outcome.steps}))
+        kept: dict[str, Any] = {"key": key, "records": {}, "seconds": {}}
+        if not resume:
+            kept_path.unlink(missing_ok=True)
+        elif kept_path.is_file():
+            try:
+                saved = json.loads(kept_path.read_text())
+                if saved.get("key") == key:
+                    kept.update(records=dict(saved["records"]), seconds=dict(saved["seconds"]))
+            except (ValueError, KeyError, TypeError, OSError):
+                pass   # unreadable: measure every record again
+
+        def record_one(name: str, measure) -> dict[str, Any]:
+            phase = f"{name} record"
+            if name in kept["records"]:
+                log.info("%s: %s kept from the interrupted run", config.model_name, phase)
+                phases.seconds[phase] = kept["seconds"].get(name, 0.0)
+                return kept["records"][name]
+            seed_everything(config.seed)   # each record's draws do not depend on the others'
+            with phases(phase):
+                measured = measure()
+            kept["records"][name] = measured
+            kept["seconds"][name] = phases.seconds[phase]
+            write_json_atomic(kept_path, kept)
+            return measured
+
+        return run.flags.record(run.trainer.context, run.outcome, run_one=record_one)
+
+    @staticmethod
+    def _results(config, data, device, run: "_TrainedRun", step_flops, eval_flops,
+                 flag_records: dict[str, Any]) -> BenchmarkResults:
+        outcome, model = run.outcome, run.model
         evaluated = (outcome.valid.num_tokens * len(outcome.epoch_perplexities)
                      + outcome.test.num_tokens)
-        flag_records = trainer.flags.record(trainer.context, outcome)
-        flops = flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
-                                    eval_tokens=evaluated)
         return BenchmarkResults(
             model_name=config.model_name,
             config=config.to_dict(),
@@ -264,11 +352,11 @@ class WikiText2Benchmark:
             parameter_breakdown=model.parameter_breakdown(),
             model_size_mb=model_size_bytes(model) / 2**20,
             data=data.to_dict(),
-            peak_memory_mb=peak_increase_bytes / 2**20,
-            memory=memory,
+            peak_memory_mb=run.memory.increase_bytes / 2**20,
+            memory=_memory_fields(run.memory, run.setup_memory),
             contention=outcome.contention,
-            causality=audit.to_dict(),
-            perplexity_valid_for_lm=audit.causal,
+            causality=run.audit.to_dict(),
+            perplexity_valid_for_lm=run.audit.causal,
             seed=config.seed,
             environment=environment(device),
             flags=flag_records,
@@ -276,23 +364,39 @@ class WikiText2Benchmark:
         )
 
     def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,
-                isolate: bool = False, overwrite: bool = False) -> list[BenchmarkResults]:
-        """Run each config; with ``isolate`` each in a child process of its own."""
+                isolate: bool = False, overwrite: bool = False,
+                unit: str = "run") -> list[BenchmarkResults]:
+        """Run each config; with ``isolate`` each in a child process of its own. Progress says
+        "run k of n" (``unit`` k of n) and the command's ETA, estimated from the runs finished
+        so far."""
         for c in configs:  # refuse before the first run starts, not between runs
             self.check_can_write(c, resume=resume, overwrite=overwrite)
-        if not isolate:
-            return [self.run_benchmark(c, resume=resume, overwrite=overwrite) for c in configs]
-        return [self._run_isolated(c, resume, overwrite) for c in configs]
+        results, finished = [], []
+        for index, config in enumerate(configs, 1):
+            command = CommandProgress(index, len(configs), list(finished), unit=unit)
+            if isolate:
+                results.append(self._run_isolated(config, resume, overwrite, command))
+            else:
+                results.append(self.run_benchmark(config, resume=resume, overwrite=overwrite,
+                                                  command=command))
+            finished.append(time.time() - command.run_started)
+        return results
 
-    def _run_isolated(self, config: BenchmarkConfig, resume: bool,
-                      overwrite: bool = False) -> BenchmarkResults:
+    def _run_isolated(self, config: BenchmarkConfig, resume: bool, overwrite: bool = False,
+                      command: CommandProgress | None = None) -> BenchmarkResults:
+        # threads chosen here, before the run's process starts: OpenMP reads its settings
+        # from the environment when torch loads
+        policy = threads_mod.choose(self.threads) if self.threads is not None else None
         payload = json.dumps({"config": config.to_dict(), "output_dir": str(self.output_dir),
                               "resume": resume, "overwrite": overwrite,
                               "progress": self.progress,
                               "progress_interval": self.progress_interval,
+                              "command": command.to_dict() if command else None,
+                              "thread_policy": policy.to_dict() if policy else None,
                               "parent_pid": os.getpid()})
+        env = {**os.environ, **(policy.environ() if policy else {})}
         child = subprocess.Popen([sys.executable, "-m", "bkbench.worker", payload],
-                                 pass_fds=self.worker_fds)
+                                 pass_fds=self.worker_fds, env=env)
         # Ctrl-C reaches the child directly (same process group); forward SIGTERM so that the
         # child checkpoints, and wait for it either way
         forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731

@@ -91,23 +91,19 @@ def _audit_field(name: str) -> bool:
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
-    from .flags import registry as flag_registry   # imports torch: only for the command used
+    # the registry's options as written out in flag_options: the flag modules import torch
+    from . import flag_options
     group = parser.add_argument_group("config fields (override the preset and the config file)")
     for f in dataclasses.fields(BenchmarkConfig):
         if f.name in _DEDICATED or f.name in _NOT_OPTIONS or f.name in exclude:
             continue
-        kind = _field_type(f)
-        help_text = _FIELD_HELP.get(f.name)
-        if f.name.startswith("use_"):
-            spec = flag_registry.REGISTRY[f.name]
-            help_text = f"{spec.summary} ({', '.join(spec.architectures)})"
-        _add_option(group, f.name, kind, help_text)
+        help_text = flag_options.FLAG_HELP.get(f.name, _FIELD_HELP.get(f.name))
+        _add_option(group, f.name, _field_type(f), help_text)
     settings = parser.add_argument_group(
         "flag settings (used when the flag is on; see docs/flags.md)")
-    for name, (spec, f) in flag_registry.settings_fields().items():
-        kind = flag_registry.setting_type(spec.settings, f.name)
-        help_text = f"{spec.name}: {f.metadata.get('help', f.name)} (default: {f.default!r})"
-        _add_option(settings, name, kind, help_text)
+    kinds = {"bool": bool, "int": int, "float": float, "str": str}
+    for name, (kind, help_text) in flag_options.SETTINGS.items():
+        _add_option(settings, name, kinds[kind], help_text)
 
 
 def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
@@ -119,6 +115,21 @@ def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
         group.add_argument(flag, dest=name, type=_parse_optional(kind),
                            default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
                            help=help_text)
+
+
+def _threads(text: str) -> str:
+    from .threads import parse_threads
+    try:
+        return parse_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="auto|N",
+                        help="torch threads per run: 'auto' uses the CPUs that other "
+                             "processes leave free when the run starts (at least one), N "
+                             "exactly N; recorded in the results (default: %(default)s)")
 
 
 def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
@@ -176,6 +187,7 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
                      help="seconds between progress lines (step, loss, tokens/s, ETA) when "
                           "stderr is not a terminal (default: %(default)s)")
+    _add_threads(run)
     add_config_fields("run", run)
 
     audit = sub.add_parser(
@@ -215,8 +227,9 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     ablate.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="WikiText-2 folder")
     ablate.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"])
     ablate.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    ablate.add_argument("--output-dir", type=Path, default=Path("benchmark_results/ablation"),
-                        help="where the rows' results and the table go (default: %(default)s)")
+    ablate.add_argument("--output-dir", type=Path,
+                        help="where the rows' results and the table go (default: "
+                             "benchmark_results/ablation/PRESET, one folder per preset)")
     ablate.add_argument("--resume", action="store_true",
                         help="continue unfinished rows and reuse complete ones")
     ablate.add_argument("--overwrite", action="store_true", help="redo an existing ablation")
@@ -243,9 +256,12 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                        help="tokens per training batch along an n_seq sweep (batch = T // n_seq; "
                             "default: the preset's batch_size x n_seq, or the longest n_seq swept "
                             "if that is more)")
-    scale.add_argument("--vocab-size", type=int, default=13777,
-                       help="vocabulary of the measured models (default: %(default)s, the proxy "
-                            "scheme's word vocabulary)")
+    scale.add_argument("--vocab-size", type=int,
+                       help="vocabulary of the measured models (default: the preset's: 256 "
+                            "bytes with tokenizer=byte, as smoke; else the WikiText-2 word "
+                            "vocabulary, 33,278, or 13,777 with --split-scheme proxy)")
+    scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
+                       help="whose word vocabulary the models get (no data is read)")
     scale.add_argument("--steps", type=int, default=5, help="timed steps per point (median)")
     scale.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     scale.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
@@ -261,6 +277,8 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                        help="with --train: the dataset's folder (docs/data.md)")
     scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
                        help="with --train: official or proxy (WikiText-2 only)")
+    scale.add_argument("--resume", action="store_true",
+                       help="measure only the points an interrupted sweep's scale.json lacks")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
@@ -355,7 +373,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             lock = RunLock(output_dir).acquire()
     try:
         bench = WikiText2Benchmark(output_dir, progress=not args.quiet and is_main,
-                                   progress_interval=args.progress_interval)
+                                   progress_interval=args.progress_interval,
+                                   threads=args.threads)
         # load the data and size the training and the model before any work, so that bad
         # input stops everything
         for config in configs:
@@ -375,9 +394,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 # ("terminate called without an active exception", seen 4 times in 9 runs)
                 dist.barrier()
         except RunFailedError as exc:
-            return exc.exit_code
+            return _report_what_finished(output_dir, exc.exit_code, is_main)
         except (TrainingInterrupted, TrainingDivergedError) as exc:
-            return failure_exit_code(exc)
+            return _report_what_finished(output_dir, failure_exit_code(exc), is_main)
         finally:
             if distributed:
                 dist.destroy_process_group()
@@ -391,6 +410,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _report_what_finished(output_dir: Path, exit_code: int, is_main: bool) -> int:
+    """After an interrupted or failed run: the report of the runs that finished, then the
+    run's exit code (the report's own is not the command's)."""
+    if is_main and any(output_dir.glob("*_results.json")):
+        from .report import report_main
+        print(f"\nbkbench: writing the report of the runs that finished in {output_dir}",
+              file=sys.stderr)
+        try:
+            report_main(str(output_dir))
+        except KeyboardInterrupt:   # a second Ctrl-C: stop, the results are on disk
+            print("bkbench: report interrupted; rebuild it with bkbench report "
+                  f"{output_dir}", file=sys.stderr)
+    return exit_code
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -432,20 +466,22 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if seeds is not None and "seed" in overrides:
         raise ConfigError("give either --seed or --seeds, not both")
     base = build_run_configs(args.preset, file_values, overrides, ["resnet_bk_baseline"])[0]
+    output_dir = args.output_dir or Path("benchmark_results") / "ablation" / args.preset
     try:
-        table = run_ablation(base, args.output_dir,
+        table = run_ablation(base, output_dir,
                              seeds=parse_seeds(seeds) if seeds is not None else None,
                              jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.quiet)
     except RunFailedError as exc:
         return exc.exit_code
     print(format_table(table))
-    print(f"written: {args.output_dir / 'ablation.json'}, ablation.md, ablation.png")
+    print(f"written: {output_dir / 'ablation.json'}, ablation.md, ablation.png")
     return 0
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from .experiments.scale import format_scale, parse_int_list, run_scale
+    from .experiments.scale import (ScaleInterrupted, format_scale, parse_int_list,
+                                    preset_vocab_size, run_scale)
 
     axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
@@ -454,16 +490,24 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         return main_from_args(args, axis, values, _configs_from_args)
     if args.seeds:
         raise ConfigError("--seeds applies to `bkbench scale --train` only")
-    if args.vocab_size < 2:
+    if args.vocab_size is not None and args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
     if args.tokens_per_batch is not None and args.tokens_per_batch < 1:
         raise ConfigError(f"--tokens-per-batch must be positive, got {args.tokens_per_batch}")
     if not args.models:
         args.models = "transformer_baseline,resnet_bk_full"
     configs = _configs_from_args(args)
-    result = run_scale(configs, axis, values, args.vocab_size, args.output_dir,
-                       tokens_per_batch=args.tokens_per_batch, steps=args.steps,
-                       warmup=args.warmup, overwrite=args.overwrite, progress=not args.quiet)
+    vocab_size = args.vocab_size or preset_vocab_size(configs[0])
+    try:
+        result = run_scale(configs, axis, values, vocab_size, args.output_dir,
+                           tokens_per_batch=args.tokens_per_batch, steps=args.steps,
+                           warmup=args.warmup, overwrite=args.overwrite,
+                           progress=not args.quiet, resume=args.resume)
+    except ScaleInterrupted as exc:
+        print(f"bkbench scale: {exc}", file=sys.stderr)
+        return 128 + 2
     print(format_scale(result))
     print(f"\nwritten: {args.output_dir / 'scale.json'}")
     return 0

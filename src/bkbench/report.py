@@ -201,6 +201,9 @@ def _judge_from_scale(claim: Claim, scale: dict[str, Any]) -> Claim:
     if n < LONG_SEQUENCE_N:
         return _claim(claim.name, claim.statement, claim.condition, claim.measured, "UNTESTABLE",
                       f"the {source} reaches n_seq = {n} < {LONG_SEQUENCE_N}")
+    if claim.name == "training_time" and s.get("contended"):
+        return _claim(claim.name, claim.statement, claim.condition, claim.measured, "UNTESTABLE",
+                      "; ".join(s["contended"]) + f" (in the {source})")
     if claim.name == "training_time":
         e = s["time_exponents"]
         ratio = s["speedup"]

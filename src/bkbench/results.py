@@ -83,6 +83,11 @@ class BenchmarkResults:
     # test perplexity per word (words + <eos> per line) whatever the tokenizer (eval.word_perplexity)
     test_word_perplexity: float | None = None
 
+    # wall seconds of the run's phases (bkbench.progress.Phases): warm-up, build and causality
+    # audit, training and evaluation (the evaluations also apart), FLOPs count, each flag's
+    # record, and the whole run; null in results written before they were kept
+    phase_seconds: dict[str, float] | None = None
+
     # durability: seconds spent writing checkpoints (excluded from training_time)
     checkpoint_time: float | None = None
     checkpoints_written: int | None = None

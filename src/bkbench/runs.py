@@ -184,9 +184,9 @@ def settings_lines(config: Mapping[str, Any], data: Mapping[str, Any] | None = N
     setup = setup_of(config, data)
     flags = [k for k in config if k.startswith("use_") and config[k]]
     own = [k for k in config if k not in SETUP_FIELDS + BOOKKEEPING_FIELDS + IDENTITY_FIELDS
-           and not k.startswith("use_")]
+           and not k.startswith("use_") and k != "flag_settings"]
     own = [k for k in own if k not in ignored_by(config.get("architecture"))]
-    return [
+    lines = [
         f"run {config.get('model_name')} (architecture {config.get('architecture')}, "
         f"setup {setup_id(setup)})",
         "  model: " + join(SHARED_MODEL_FIELDS + tuple(own)),
@@ -195,6 +195,15 @@ def settings_lines(config: Mapping[str, Any], data: Mapping[str, Any] | None = N
         "  data: " + join(DATA_FIELDS + ("data_dir",)),
         "  other: " + join(tuple(k for k in BOOKKEEPING_FIELDS if k != "data_dir")),
     ]
+    # the settings of the flags that are on only, one line each: the flags that are off have
+    # settings too (their defaults), and printing all of them buried the rest of the head
+    settings = config.get("flag_settings") or {}
+    for flag in flags:
+        values = settings.get(flag.removeprefix("use_"))
+        if values:
+            lines.insert(3 + flags.index(flag), f"    {flag}: " + " ".join(
+                f"{k}={_format_value(v)}" for k, v in values.items()))
+    return lines
 
 
 __all__ = ["SETUP_FIELDS", "TRAINING_FIELDS", "DATA_FIELDS", "SHARED_MODEL_FIELDS",

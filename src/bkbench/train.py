@@ -43,6 +43,7 @@ from .hooks import RunContext
 from .metrics.contention import ContentionMonitor
 from .models.dropout import dropout_key
 from .seeding import seed_everything  # noqa: F401 (bkbench.train.seed_everything, as before)
+from .progress import CommandProgress, Phases, bar_size, duration
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,10 @@ class ProgressLines:
     evaluations between epochs included."""
 
     def __init__(self, name: str, total_steps: int, start_step: int, interval: float,
-                 clock=time.monotonic):
+                 clock=time.monotonic, command: CommandProgress | None = None):
         self.name, self.total, self.start_step, self.interval = name, total_steps, start_step, interval
         self.clock = clock
+        self.command = command  # run k of n of the command, for the command's ETA
         self.start = clock()
         self.last: float | None = None
 
@@ -260,9 +262,10 @@ class ProgressLines:
         self.last = now
         elapsed = now - self.start
         eta = elapsed / (step - self.start_step) * (self.total - step)
-        log.info("%s: step %d/%d (epoch %d/%d), loss %.4f, %s tokens/s, elapsed %s, ETA %s",
+        log.info("%s: step %d/%d (epoch %d/%d), loss %.4f, %s tokens/s, elapsed %s, ETA %s%s",
                  self.name, step, self.total, epoch + 1, epochs, loss,
-                 f"{tokens_per_second:,.0f}", _duration(elapsed), _duration(eta))
+                 f"{tokens_per_second:,.0f}", _duration(elapsed), _duration(eta),
+                 f"; {self.command.suffix(eta)}" if self.command else "")
         return True
 
 
@@ -272,7 +275,8 @@ class Trainer:
     def __init__(self, config: BenchmarkConfig, model: nn.Module, data, device: torch.device,
                  run_dir: Path | None = None, resume: bool = False,
                  data_fingerprint: dict[str, Any] | None = None, progress: bool = True,
-                 progress_interval: float = 30.0, flags: FlagSet | None = None):
+                 progress_interval: float = 30.0, flags: FlagSet | None = None,
+                 phases: Phases | None = None):
         self.config = config
         if flags is None:
             if config.enabled_flags():
@@ -292,6 +296,9 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
+        # evaluations are phases: named in the log, with a line every interval while they run
+        self.phases = phases or Phases(config.model_name, progress_interval,
+                                       enabled=progress and self.is_main)
 
         self.model = model.to(device)
         self.ddp_model: nn.Module = self.model
@@ -608,7 +615,10 @@ class Trainer:
     def _validate(self, split: torch.Tensor) -> EvalResult:
         self._sync()
         start = time.perf_counter()
-        result = self.evaluate(self.flags.prepare_for_eval(self.model), split)
+        phase = ("test evaluation" if split is self.data.test
+                 else f"validation after epoch {self.progress.epoch + 1}")
+        with self.phases(phase):
+            result = self.evaluate(self.flags.prepare_for_eval(self.model), split)
         self._sync()
         self.progress.eval_time += time.perf_counter() - start
         return result
@@ -643,11 +653,13 @@ class Trainer:
         if self.show_progress and self.is_main:
             if sys.stderr.isatty():
                 from tqdm.auto import tqdm
-                bar = tqdm(total=self.total_steps, initial=p.step, desc=cfg.model_name,
-                           unit="step", dynamic_ncols=True)
+                command = self.phases.command
+                desc = f"{cfg.model_name} [{command.label()}]" if command else cfg.model_name
+                bar = tqdm(total=self.total_steps, initial=p.step, desc=desc, unit="step",
+                           **bar_size(sys.stderr))
             else:  # a batch job's log: a line every progress_interval seconds instead
                 lines = ProgressLines(cfg.model_name, self.total_steps, p.step,
-                                      self.progress_interval)
+                                      self.progress_interval, command=self.phases.command)
         try:
             while p.step < self.total_steps:
                 if (why := self._budget_spent()) is not None:
@@ -692,7 +704,8 @@ class Trainer:
                               **{f"term_{k}": v for k, v in self._last_terms.items()})
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                                        **self._command_eta(bar))
                     if lines is not None:
                         lines.step(p.step, p.epoch, self.num_epochs, loss, tok_s)
                     if (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0
@@ -704,6 +717,13 @@ class Trainer:
             self._contention.stop()
             if bar is not None:
                 bar.close()
+
+    def _command_eta(self, bar) -> dict[str, str]:
+        command = self.phases.command
+        rate = bar.format_dict.get("rate")
+        if command is None or not rate:
+            return {}
+        return {"command_ETA": duration(command.eta((self.total_steps - bar.n) / rate))}
 
     def _end_epoch(self) -> None:
         p = self.progress

@@ -13,6 +13,8 @@ import sys
 from .benchmark import WikiText2Benchmark
 from .cli import failure_exit_code
 from .config import BenchmarkConfig
+from .progress import CommandProgress
+from .threads import ThreadPolicy
 from .runlock import die_with_parent
 
 
@@ -23,10 +25,13 @@ def main(payload: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bench = WikiText2Benchmark(request["output_dir"], progress=request["progress"],
                                progress_interval=request.get("progress_interval", 30.0))
+    command, policy = request.get("command"), request.get("thread_policy")
     try:
         config = BenchmarkConfig.from_dict(request["config"]).validate()
         bench.run_benchmark(config, resume=request["resume"],
-                            overwrite=request.get("overwrite", False))
+                            overwrite=request.get("overwrite", False),
+                            command=CommandProgress(**command) if command else None,
+                            thread_policy=ThreadPolicy(**policy) if policy else None)
     except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints): no traceback
         print("bkbench: interrupted", file=sys.stderr)
         return 128 + 2

@@ -21,12 +21,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import write_bytes_atomic, write_json_atomic
 from ..config import BenchmarkConfig, ConfigError, OPTIMIZATION_FLAGS
 from ..flags.registry import REGISTRY
+from ..progress import duration
 from ..results import BenchmarkResults
 from .seeds import SIGNIFICANCE, expand_seeds
 from .stats import summarize, welch_difference_ci, welch_test
@@ -76,6 +78,7 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
     """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
     forwarded so that every child checkpoints. A failed child fails the ablation."""
     pending, running, failed = list(configs), [], []
+    started, finished = time.time(), 0
     forward = lambda signum, _frame: [p.send_signal(signum) for _, p in running]  # noqa: E731
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -87,8 +90,13 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
             c, proc = running[0]
             code = proc.wait()
             running.pop(0)
+            finished += 1
             if code != 0:
                 failed.append((c.model_name, code))
+            # rows finish about as fast as each other: the command's ETA from those so far
+            left = (time.time() - started) / finished * (len(configs) - finished)
+            log.info("ablate: row %s done (%d of %d), command ETA %s", c.model_name, finished,
+                     len(configs), duration(left))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -122,7 +130,7 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
     for c in configs:  # no row may replace a finished run unless asked to
         bench.check_can_write(c, resume=resume, overwrite=overwrite)
     if jobs == 1:
-        bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True)
+        bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
     else:
         _run_parallel(configs, output_dir, resume, jobs, overwrite)
     results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))

@@ -37,7 +37,7 @@ from .stats import fit_power_law
 log = logging.getLogger(__name__)
 
 __all__ = ["ScalePoint", "SWEEP_AXES", "METRICS", "measure_point", "run_scale", "fit_scale",
-           "scale_claims", "load_scale", "plot_scale"]
+           "scale_claims", "load_scale", "plot_scale", "preset_vocab_size", "ScaleInterrupted"]
 
 SWEEP_AXES = ("n_seq", "d_model", "n_layers")
 # metric -> (label, unit); all "lower is better"
@@ -65,6 +65,8 @@ class ScalePoint:
     flops_per_token: float
     mixer_flops_per_token: float
     num_parameters: int
+    # was the machine busy over the timed steps? (bkbench.metrics.contention, as a run's)
+    contention: dict[str, Any] | None = None
 
 
 class _RandomTokens:
@@ -101,6 +103,7 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
     """Measure one point in this process (call it in a fresh child; see the module docstring)."""
     import torch
 
+    from ..metrics.contention import ContentionMonitor
     from ..metrics.memory import release_freed_memory
     from ..metrics.flops import measure_step_flops
     from ..metrics.memory import PeakMemory
@@ -119,15 +122,20 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
         trainer = _one_step_trainer(config, vocab_size, device)
         batch = trainer.window_batch(torch.arange(config.batch_size))
         times = []
+        monitor = ContentionMonitor(device).start()
         for i in range(warmup + steps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            if i >= warmup:
+                monitor.begin_step()
             start = time.perf_counter()
             trainer.train_step(*batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+                monitor.end_step()
+        contention = monitor.result()
     report = measure_step_flops(trainer.model, config.batch_size, config.n_seq, vocab_size,
                                 device=device, optimizer=trainer.optimizer, seed=config.seed)
     tokens = config.batch_size * config.n_seq
@@ -140,10 +148,14 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
         seconds_per_token=median / tokens, step_seconds=times,
         peak_memory_mb=memory.increase_bytes / 2**20, memory_method=memory.method,
         flops_per_token=report.total / tokens, mixer_flops_per_token=mixer / tokens,
-        num_parameters=trainer.model.num_parameters()).__dict__
+        num_parameters=trainer.model.num_parameters(), contention=contention).__dict__
 
 
 def _child(queue, config_dict, vocab_size, steps, warmup, axis) -> None:
+    import signal
+    # Ctrl-C is the parent's to handle (it keeps the finished points and stops this child):
+    # a traceback per child would bury its one-line message
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         queue.put(("ok", measure_point(BenchmarkConfig.from_dict(config_dict), vocab_size,
                                        steps, warmup, axis)))
@@ -160,8 +172,11 @@ def _measure_isolated(config: BenchmarkConfig, vocab_size: int, steps: int, warm
     proc.start()
     try:
         status, payload = queue.get()
-    finally:
+    except BaseException:   # Ctrl-C while it measured: stop it, keep nothing of the point
+        proc.terminate()
         proc.join()
+        raise
+    proc.join()
     if status != "ok":
         raise RuntimeError(f"{config.model_name} at {axis}={getattr(config, axis)}: {payload}")
     return payload
@@ -206,39 +221,107 @@ def fit_scale(points: list[dict[str, Any]], axis: str) -> dict[str, dict[str, An
     return fits
 
 
+class ScaleInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says which points were kept and how to go on."""
+
+
+def preset_vocab_size(config: BenchmarkConfig) -> int:
+    """The vocabulary a run of ``config`` trains with: 256 byte values with ``tokenizer=byte``
+    (the smoke preset), else the word vocabulary of the split scheme's training split
+    (WikiText-2 tokens form: 33,278 official, 13,777 proxy)."""
+    if config.tokenizer == "byte":
+        return 256
+    return 13_777 if config.split_scheme == "proxy" else 33_278
+
+
+def _sweep_key(result: dict[str, Any]) -> dict[str, Any]:
+    """What must match for an existing sweep's points to be reused by --resume."""
+    keys = ("axis", "values", "tokens_per_batch", "steps", "warmup", "vocab_size", "configs")
+    return {k: result.get(k) for k in keys}
+
+
+def _resumed_points(path: Path, head: dict[str, Any], resume: bool,
+                    overwrite: bool) -> list[dict[str, Any]]:
+    if not path.exists() or overwrite:
+        return []
+    if not resume:
+        raise ConfigError(f"{path} exists; pass --resume to measure only its missing points, "
+                          "--overwrite to replace it, or choose another --output-dir")
+    import json
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable ({exc}); pass --overwrite to replace it") from None
+    if _sweep_key(old) != json.loads(json.dumps(_sweep_key(head))):
+        raise ConfigError(f"{path} holds a sweep with other settings; --resume continues the "
+                          "same command only (pass --overwrite to replace it)")
+    return list(old.get("points") or [])
+
+
 def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int], vocab_size: int,
               output_dir: str | Path, *, tokens_per_batch: int | None = None, steps: int = 5,
-              warmup: int = 2, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Measure every point in its own process, fit, write ``scale.json`` and the plots."""
+              warmup: int = 2, overwrite: bool = False, progress: bool = True,
+              resume: bool = False) -> dict[str, Any]:
+    """Measure every point in its own process, fit, write ``scale.json`` and the plots.
+
+    ``scale.json`` is rewritten after every point (``complete: false`` until the last), so
+    that Ctrl-C (:class:`ScaleInterrupted`) keeps the finished points and ``resume``
+    measures only the others."""
+    from ..progress import Phases, bar_size, duration
+    from ..results import environment
+    from ..train import resolve_device
+
     output_dir = Path(output_dir)
     path = output_dir / SCALE_FILE
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists; pass --overwrite to replace it or choose another "
-                          "--output-dir")
     if steps < 1 or warmup < 0:
         raise ConfigError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
     configs = sweep_configs(base, axis, values, tokens_per_batch)
-    from tqdm.auto import tqdm
-    points = []
-    bar = tqdm(configs, desc=f"scale {axis}", unit="point", disable=not progress or None)
-    for config in bar:
-        bar.set_postfix_str(f"{config.model_name} {axis}={getattr(config, axis)}")
-        points.append(_measure_isolated(config, vocab_size, steps, warmup, axis))
-        log.info("%s %s=%d: %.0f tokens/s, %.1f MiB, %.3g FLOPs/token", config.model_name, axis,
-                 points[-1]["value"], points[-1]["tokens_per_second"],
-                 points[-1]["peak_memory_mb"], points[-1]["flops_per_token"])
-    from ..results import environment
-    from ..train import resolve_device
     result = {
         "kind": "bkbench scale sweep", "axis": axis, "values": list(values),
         "tokens_per_batch": tokens_per_batch, "steps": steps, "warmup": warmup,
         "vocab_size": vocab_size, "data": "random token ids (cost does not depend on them)",
         "configs": {c.model_name: c.to_dict() for c in base},
-        "points": points, "fits": fit_scale(points, axis),
         "environment": environment(resolve_device(base[0].device)),
     }
+    done = {(p["model_name"], p["value"]): p
+            for p in _resumed_points(path, result, resume, overwrite)}
+    todo = [c for c in configs if (c.model_name, int(getattr(c, axis))) not in done]
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
+
+    def save(complete: bool) -> None:
+        points = [done[k] for k in ((c.model_name, int(getattr(c, axis))) for c in configs)
+                  if k in done]
+        result.update(points=points, fits=fit_scale(points, axis), complete=complete)
+        write_json_atomic(path, result)
+
+    from tqdm.auto import tqdm
+    phases = Phases(f"scale {axis}", enabled=progress)
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=f"scale {axis}",
+               unit="point", disable=not progress or None, **bar_size())
+    started, measured = time.monotonic(), 0
+    try:
+        for config in todo:
+            value = int(getattr(config, axis))
+            k = len(done) + 1
+            with phases(f"point {k} of {len(configs)}: {config.model_name} {axis}={value}"):
+                point = _measure_isolated(config, vocab_size, steps, warmup, axis)
+            done[(config.model_name, value)] = point
+            measured += 1
+            save(complete=False)
+            bar.update(1)
+            eta = (time.monotonic() - started) / measured * (len(todo) - measured)
+            log.info("%s %s=%d: %.0f tokens/s, %.1f MiB, %.3g FLOPs/token%s; point %d of %d, "
+                     "ETA %s", config.model_name, axis, value, point["tokens_per_second"],
+                     point["peak_memory_mb"], point["flops_per_token"],
+                     " (contended)" if (point["contention"] or {}).get("contended") else "",
+                     k, len(configs), duration(eta))
+    except KeyboardInterrupt:
+        raise ScaleInterrupted(
+            f"interrupted after {len(done)} of {len(configs)} points; they are kept in {path}. "
+            "Run the same command with --resume to measure the rest.") from None
+    finally:
+        bar.close()
+    save(complete=True)
     plot_scale(result, output_dir)
     return result
 
@@ -252,6 +335,8 @@ def load_scale(results_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        return None
+    if data.get("complete") is False:   # an interrupted sweep: finish it with --resume
         return None
     return data
 
@@ -302,6 +387,8 @@ def plot_scale(result: dict[str, Any], output_dir: str | Path) -> list[Path]:
 def scale_claims(scale: dict[str, Any], baseline: str, candidate: str) -> dict[str, Any] | None:
     """What a sweep over n_seq says about the time and memory claims: the ratio baseline /
     candidate at the longest N both models ran, and both exponents. None if it cannot say."""
+    from ..metrics.contention import contended_reason
+
     if scale.get("axis") != "n_seq":
         return None
     pts = {(p["model_name"], p["value"]): p for p in scale.get("points", [])}
@@ -326,6 +413,9 @@ def scale_claims(scale: dict[str, Any], baseline: str, candidate: str) -> dict[s
         "memory_exponents": {baseline: exponent(baseline, "peak_memory_mb"),
                              candidate: exponent(candidate, "peak_memory_mb")},
         "same_setup": _same_sweep_setup(scale, baseline, candidate),
+        # why the two points' timings are contended (empty: neither was); memory is unaffected
+        "contended": [w for p in (tf, bk) if (w := contended_reason(
+            f"{p['model_name']} at n_seq = {n}", p.get("contention")))],
     }
 
 
@@ -354,9 +444,10 @@ def format_scale(result: dict[str, Any]) -> str:
     header = f"{'model':<24} {axis:>7} {'tokens/s':>10} {'peak MiB':>9} {'FLOP/token':>11} {'mixer FLOP/tok':>14}"
     lines += [header, "-" * len(header)]
     for p in result["points"]:
+        busy = "  contended" if (p.get("contention") or {}).get("contended") else ""
         lines.append(f"{p['model_name']:<24} {p['value']:>7} {p['tokens_per_second']:>10,.0f} "
                      f"{p['peak_memory_mb']:>9.1f} {p['flops_per_token']:>11.3e} "
-                     f"{p['mixer_flops_per_token']:>14.3e}")
+                     f"{p['mixer_flops_per_token']:>14.3e}{busy}")
     lines.append("")
     lines.append(f"fitted exponents p (cost ∝ {axis}^p, R² in brackets)")
     for name, fits in result["fits"].items():

@@ -102,11 +102,13 @@ class FlagSet:
             model = flag.prepare_for_eval(model)
         return model
 
-    def record(self, run: RunContext, outcome) -> dict[str, dict[str, Any]]:
-        """``{flag: {"settings": {...}, "measured": {...}}}`` for every active flag."""
+    def record(self, run: RunContext, outcome, run_one=None) -> dict[str, dict[str, Any]]:
+        """``{flag: {"settings": {...}, "measured": {...}}}`` for every active flag.
+        ``run_one(name, measure)`` runs each flag's ``measure()`` (progress, kept records)."""
         out = {}
         for name, flag in self.flags.items():
-            measured = flag.record(run, outcome)
+            measure = lambda flag=flag: flag.record(run, outcome)  # noqa: E731
+            measured = run_one(name, measure) if run_one is not None else measure()
             if not measured:
                 raise RuntimeError(f"{name} is on but recorded nothing (DESIGN: a defect)")
             settings = dataclasses.asdict(flag.settings) if flag.settings is not None else {}

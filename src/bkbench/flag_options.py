@@ -1,0 +1,154 @@
+"""The command line's flag options, readable without importing the flag modules.
+
+The flag modules import torch, and ``bkbench run --help`` should print at once (issue 28:
+2.6 s quiet, 13-23 s on a loaded machine). So the options the registry defines (one per flag,
+one per flag setting) are written out here by ``python -m bkbench.flag_options``, from
+:mod:`bkbench.flags.registry`, which stays the one source: a test checks that this file is
+what the registry generates.
+"""
+
+from __future__ import annotations
+
+# generated: begin
+FLAG_HELP = {
+    'use_analytic_gradient':
+        'BK-Core backward by the exact O(N) adjoint sweep instead of autograd through the recurrence (resnet_bk)',
+    'use_koopman':
+        'Koopman auxiliary loss: a lifting phi, a linear operator K and a decoder with phi(h_{l+1}) ~ K phi(h_l) along the layers (transformer, resnet_bk)',
+    'use_physics_informed':
+        'energy-conservation penalty |E(h_{l+1}) - E(h_l)| along the layers, E(h) = 1/2 |h|^2 / d per position (transformer, resnet_bk)',
+    'use_quantization':
+        'quantization-aware training of every Linear (INT8 or INT4 symmetric per-channel weights, INT8 per-token activations, straight-through); integer weights at evaluation (transformer, resnet_bk)',
+    'use_pruning':
+        'gradual magnitude pruning on a cubic schedule (torch.nn.utils.prune) and removal of rarely used MoE experts (transformer, resnet_bk)',
+    'use_mixed_precision':
+        'torch.autocast in bfloat16 (CPU and CUDA); the BK mixers stay in float32/complex64 (transformer, resnet_bk)',
+    'use_act':
+        "adaptive computation time over depth: per-token halting units, halted tokens' feed-forward skipped by gathering the running rows; ponder cost N + R in the loss (resnet_bk)",
+    'use_early_exit':
+        'per-layer exits through the final norm and the shared LM head, trained with a weighted loss; at evaluation a token exits at the first layer whose max softmax probability reaches a threshold, its state copied forward (resnet_bk)',
+    'use_multi_scale':
+        'causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, which run on N/k positions, then upsample and add the residual (resnet_bk)',
+    'use_sparse_bk':
+        'learned per-token routing into the BK chain: the BK-Core runs on the shorter chain of routed tokens only, the others pass through the residual (resnet_bk)',
+    'use_curriculum':
+        "competence-based curriculum: each step's batch drawn from the easiest c(s) share of the windows, ranked by an n-gram NLL fitted on the training split (sqrt pacing) (transformer, resnet_bk)",
+    'use_active_learning':
+        "online batch selection: every k steps score a candidate pool by the model's loss and train on the top-loss fraction (a random share kept) (transformer, resnet_bk)",
+}
+SETTINGS = {
+    'analytic_gradient_timing_repeats': ('int',
+        'use_analytic_gradient: timed repetitions of the with/without BK-Core backward measurement (default: 7)'),
+    'koopman_weight': ('float',
+        'use_koopman: weight of the Koopman loss term (default: 0.1)'),
+    'koopman_warmup_steps': ('int',
+        'use_koopman: steps over which the weight ramps up linearly from 0 (0: full weight at once) (default: 0)'),
+    'koopman_dim': ('int',
+        'use_koopman: dimension m of the lifted space (default: 32)'),
+    'koopman_record_windows': ('int',
+        'use_koopman: held-out validation windows for the recorded prediction error (default: 16)'),
+    'physics_informed_weight': ('float',
+        'use_physics_informed: weight of the energy-drift penalty (default: 0.1)'),
+    'physics_informed_record_windows': ('int',
+        'use_physics_informed: held-out validation windows for the recorded energy drift (default: 16)'),
+    'quantization_bits': ('int',
+        'use_quantization: weight bits: 8 (INT8) or 4 (INT4) (default: 8)'),
+    'pruning_target_sparsity': ('float',
+        'use_pruning: final fraction of zero weights in each pruned layer (default: 0.5)'),
+    'pruning_begin': ('float',
+        'use_pruning: start of the schedule, as a fraction of the training steps (default: 0.0)'),
+    'pruning_end': ('float',
+        'use_pruning: end of the schedule (target reached), as a fraction of the training steps (default: 0.75)'),
+    'pruning_frequency': ('int',
+        'use_pruning: steps between mask updates (default: 10)'),
+    'pruning_expert_min_share': ('float',
+        "use_pruning: remove MoE experts receiving less than this share of a layer's routed tokens (0: keep all) (default: 0.05)"),
+    'pruning_expert_prune_at': ('float',
+        'use_pruning: when experts are removed, as a fraction of the training steps (default: 0.5)'),
+    'mixed_precision_timing_steps': ('int',
+        'use_mixed_precision: forward+backward passes per setting for the recorded tokens/s with and without (default: 3)'),
+    'act_weight': ('float',
+        'use_act: weight of the ponder cost N + R (default: 0.01)'),
+    'act_eps': ('float',
+        'use_act: a token halts once its cumulative halting probability reaches 1 - eps (default: 0.01)'),
+    'act_bias_init': ('float',
+        'use_act: initial bias of every halting unit (sigmoid of it: the initial halting probability per layer) (default: 0.0)'),
+    'act_record_windows': ('int',
+        'use_act: held-out validation windows for the recorded layers used and FLOPs (default: 16)'),
+    'early_exit_weight': ('float',
+        'use_early_exit: weight of the per-layer exits loss (default: 0.5)'),
+    'early_exit_threshold': ('float',
+        'use_early_exit: max softmax probability at which a token exits at evaluation (>1: never) (default: 0.9)'),
+    'early_exit_sweep': ('str',
+        "use_early_exit: comma-separated thresholds evaluated on the validation split for the record (default: '0.5,0.7,0.8,0.9,0.95,0.99')"),
+    'early_exit_record_windows': ('int',
+        "use_early_exit: validation windows on which each sweep point's forward FLOPs are counted (default: 8)"),
+    'multi_scale_factor': ('int',
+        'use_multi_scale: shortening factor k of the middle blocks (they run on ceil(N/k) positions) (default: 2)'),
+    'multi_scale_outer_layers': ('int',
+        'use_multi_scale: blocks at full resolution at each end (needs n_layers >= 2 * this + 1) (default: 1)'),
+    'multi_scale_timing_repeats': ('int',
+        'use_multi_scale: eval forwards timed with and without the hourglass for the record (default: 3)'),
+    'sparse_bk_target_share': ('float',
+        'use_sparse_bk: wanted fraction of tokens routed into the BK chain, in (0, 1] (default: 0.5)'),
+    'sparse_bk_weight': ('float',
+        'use_sparse_bk: weight of the share loss (share - target_share)^2 (0: no loss) (default: 0.1)'),
+    'sparse_bk_record_windows': ('int',
+        'use_sparse_bk: held-out validation windows for the recorded routed share (default: 16)'),
+    'sparse_bk_timing_repeats': ('int',
+        'use_sparse_bk: eval forwards timed with and without routing for the record (default: 3)'),
+    'curriculum_score': ('str',
+        "use_curriculum: difficulty score: mean NLL of a window's targets under an add-one-smoothed 'unigram' or 'bigram' model fitted on the training split (default: 'bigram')"),
+    'curriculum_initial_competence': ('float',
+        'use_curriculum: c0: the fraction of easiest windows sampled at step 0, in (0, 1] (default: 0.1)'),
+    'curriculum_full_at': ('float',
+        "use_curriculum: T as a fraction of the run's total steps: competence reaches 1 there, in (0, 1] (default: 0.5)"),
+    'curriculum_target_perplexity': ('float',
+        'use_curriculum: validation perplexity for the time-to-target record when no baseline run is compared (0: none) (default: 0.0)'),
+    'active_learning_fraction': ('float',
+        'use_active_learning: share of the scored candidate windows that is trained on, in (0, 1] (default: 0.5)'),
+    'active_learning_random_share': ('float',
+        'use_active_learning: share of the selected windows drawn at random from the rest of the pool instead of by top loss, in [0, 1) (default: 0.1)'),
+    'active_learning_every': ('int',
+        'use_active_learning: steps per selection round (k): one pool is scored for k batches (default: 1)'),
+    'active_learning_target_perplexity': ('float',
+        'use_active_learning: validation perplexity for the time-to-target record when no baseline run is compared (0: none) (default: 0.0)'),
+}
+# generated: end
+
+
+def from_registry() -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """(flag field -> help, flat setting name -> (type name, help)) from the registry."""
+    from .flags import registry
+
+    flags = {name: f"{spec.summary} ({', '.join(spec.architectures)})"
+             for name, spec in registry.REGISTRY.items()}
+    settings = {}
+    for name, (spec, f) in registry.settings_fields().items():
+        kind = registry.setting_type(spec.settings, f.name)
+        settings[name] = (kind.__name__, f"{spec.name}: {f.metadata.get('help', f.name)} "
+                                         f"(default: {f.default!r})")
+    return flags, settings
+
+
+def _source(flags: dict[str, str], settings: dict[str, tuple[str, str]]) -> str:
+    lines = ["FLAG_HELP = {"]
+    lines += [f"    {k!r}:\n        {v!r}," for k, v in flags.items()]
+    lines += ["}", "SETTINGS = {"]
+    lines += [f"    {k!r}: ({t!r},\n        {h!r})," for k, (t, h) in settings.items()]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def regenerated(text: str) -> str:
+    """This file's ``text`` with the generated block rebuilt from the registry."""
+    head, rest = text.split("# generated: begin\n", 1)
+    _, tail = rest.split("# generated: end\n", 1)
+    return f"{head}# generated: begin\n{_source(*from_registry())}\n# generated: end\n{tail}"
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    path = Path(__file__)
+    path.write_text(regenerated(path.read_text()))
