@@ -198,7 +198,7 @@ class ACT(Flag):
 
     @torch.no_grad()
     def held_out(self, model: nn.Module, split: torch.Tensor, device) -> dict[str, Any]:
-        from ...metrics.flops import _new_counter
+        from ...metrics.flops import new_counter
         from ...objectives.layer_states import held_out_windows
         windows = held_out_windows(split, self.config.n_seq, self.settings.record_windows).to(device)
         halting = model.flag_modules["act"]
@@ -206,7 +206,7 @@ class ACT(Flag):
         model.eval()
 
         def measure() -> tuple[int, float]:
-            counter = _new_counter()
+            counter = new_counter()
             with counter:
                 model(windows, return_features=True)
             seconds = []

@@ -222,11 +222,11 @@ class EarlyExit(Flag):
     def counted_flops(self, evaluated: nn.Module, windows: torch.Tensor) -> int:
         """Counted FLOPs of one eval-mode forward of ``windows`` with the exits, LM head
         included (the exits' head passes are the price of deciding)."""
-        from ...metrics.flops import _new_counter
+        from ...metrics.flops import new_counter
         was = evaluated.training
         evaluated.eval()
         try:
-            counter = _new_counter()
+            counter = new_counter()
             with counter:
                 evaluated(windows)
         finally:
