@@ -392,6 +392,7 @@ def test_one_epoch_runs_are_marked_points_and_said_so():
     _curves(axes, results)
     for ax in axes:
         assert "one epoch: one point per run" in ax.get_title()
+        assert list(ax.get_xticks()) == [1]
         for line in ax.get_lines():
             assert line.get_marker() == "D" and line.get_linestyle() == "None"
             assert line.get_label().endswith("(1 epoch)")

@@ -82,14 +82,15 @@ def _curves(axes, results: dict[str, BenchmarkResults]) -> None:
             if values:
                 _epoch_curve(ax, values, colors[n], n)
     single = max((len(r.epoch_losses or []) for r in results.values()), default=0) <= 1
-    note = " -- one epoch: one point per run" if single else ""
+    note = "\n(one epoch: one point per run)" if single else ""
     ax_loss.set(title="Training loss per epoch (cross-entropy, dropout on)" + note,
                 xlabel="epoch", ylabel="loss (nats / token)")
     ax_ppl.set(title="Validation perplexity per epoch (held-out, eval mode)" + note,
                xlabel="epoch", ylabel="perplexity (log scale)")
     ax_ppl.set_yscale("log")
     ax_time.set(title="Training time per epoch" + note, xlabel="epoch", ylabel="seconds")
-    ax_time.set_ylim(bottom=0)  # a time axis that starts at 0 shows differences at their size
+    # a time axis that starts at 0 shows differences at their size; headroom for the markers
+    ax_time.set_ylim(0, ax_time.get_ylim()[1] * 1.08)
     for ax in axes:
         ax.grid(True, alpha=0.3, which="both")
         if ax.get_lines():
@@ -97,6 +98,7 @@ def _curves(axes, results: dict[str, BenchmarkResults]) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         if single:
             ax.set_xlim(0.5, 1.5)
+            ax.set_xticks([1])
 
 
 def _training_flops_bars(ax, results: dict[str, BenchmarkResults]) -> None:
