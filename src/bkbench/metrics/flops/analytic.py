@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
+
 def analytic_transformer_flops(batch_size: int, seq_len: int, d_model: int, n_layers: int,
                                vocab_size: int, *, mlp_ratio: int = 4) -> dict[str, Any]:
     """Matrix-product FLOPs of one training step of :class:`~bkbench.models.TransformerLM`.

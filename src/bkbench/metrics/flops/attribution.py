@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 if TYPE_CHECKING:
     from .counter import Census
 
+
 class ComponentTracker(TorchFunctionMode):
     """Which component is running, in the forward and in the backward.
 

@@ -14,6 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ...ops.lm_loss import FUSED_OPS
 from ...ops.lm_loss import logits_of as lm_logits_of
 
+
+# torch's table has no formula for the CPU flash-attention kernel nor for the fused LSTM kernels
+
 def _attention_fwd_flops(q_shape, k_shape, v_shape) -> int:
     *batch, t, d = q_shape
     s, dv = k_shape[-2], v_shape[-1]
@@ -75,6 +78,7 @@ def _extra_formulas() -> dict:
 
 
 def new_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with bkbench's extra formulas (attention on the CPU, LSTMs)."""
     return FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
 
 
