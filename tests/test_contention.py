@@ -25,7 +25,7 @@ from bkbench.config import BenchmarkConfig
 from bkbench.metrics import contention
 from bkbench.metrics.contention import THRESHOLDS, ContentionMonitor, classify
 from bkbench.models import build_model
-from bkbench.report import _build_doc, audit_claims
+from bkbench.report import audit_claims, build_doc
 from bkbench.train import Trainer, seed_everything
 
 from conftest import make_corpus
@@ -121,7 +121,7 @@ def test_run_on_a_busy_machine_is_contended_and_its_time_claim_untestable(one_cp
     assert "untestable" not in d["metrics"]["test_perplexity"]
     assert "(contended)" in format_comparison(d)
     # the report's text without its plots (matplotlib is slow on a busy machine)
-    md = _build_doc(results, [d], audit_claims(results), []).markdown()
+    md = build_doc(results, [d], audit_claims(results), []).markdown()
     summary = md.split("## Setup")[0]
     assert "**contended, not judged**" in summary and "**UNTESTABLE** training time" in summary
     assert "(contended)" in md.split("## Results")[1].split("## Claims")[0]  # beside tokens/s

@@ -303,7 +303,7 @@ def test_summary_opens_the_report_with_the_numbers_and_seed_intervals(tmp_path):
     assert "`resnet_bk_full` 120.00 (1.20x the Transformer's)" in summary
     assert "forward FLOPs/step 20.00x fewer, backward 80.00x fewer" in summary
     assert "measured speed 6.00x the Transformer's training tokens/s" in summary
-    assert "peak memory 600.0 vs 1,000.0 MiB (0.60x the Transformer's)" in summary
+    assert "peak memory 600.0 vs 1,000.0 MiB (0.60x the Transformer's, 40.0% lower)" in summary
     assert summary.count("- **PASS** ") == 5 and "over repeated seeds" not in summary.lower()
 
     # repeated seeds: means with their 95% intervals, ratios of the means
@@ -325,3 +325,93 @@ def test_summary_opens_the_report_with_the_numbers_and_seed_intervals(tmp_path):
     assert "-seed1" not in summary
     # each run once: no single-number line that names the seed means without their intervals
     assert "Test perplexity:" not in summary and "(seed mean)" not in summary
+
+
+# --- report details (issue 28, item 10) ---------------------------------------------------
+
+def test_memory_wording_follows_the_sign(tmp_path):
+    """A peak memory above the Transformer's reads "x% higher", never "-x% lower"."""
+    results = passing_set(mem=1706.0)
+    memory = {c.name: c for c in audit_claims(results)}["peak_memory"]
+    assert "1,706.0 vs 1,000.0 MiB: 70.6% higher" in memory.measured
+    assert memory.verdict == "FAIL" and "-70.6%" not in memory.measured
+    lower = {c.name: c for c in audit_claims(passing_set())}["peak_memory"]
+    assert "600.0 vs 1,000.0 MiB: 40.0% lower" in lower.measured
+    for r in results.values():
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    md = build_report(tmp_path)["report_md"].read_text()
+    summary = md[md.index("## Summary"):md.index("## Setup")]
+    assert "1.71x the Transformer's, 70.6% higher" in summary
+    assert "0.70x the Transformer's, 30.0% lower" in summary      # resnet_bk_baseline
+    assert "-70.6% lower" not in md
+
+
+def _with_selection(r: BenchmarkResults, passes: int) -> BenchmarkResults:
+    r.flops["selection"] = {"total": passes, "by_flag": {"use_active_learning": passes}}
+    r.total_flops += passes
+    return r
+
+
+def test_training_flops_bar_equals_the_tables_total():
+    """The bar stacks the steps' components and the selection passes; its height is the
+    Results table's training FLOPs (selection included), which the steps alone fall short of."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from bkbench.report import training_flops_stack
+    from bkbench.report.plots import _training_flops_bars
+
+    results = passing_set()
+    _with_selection(results["resnet_bk_full"], 1_348_000_000)
+    stack = training_flops_stack(results["resnet_bk_full"])
+    assert stack["selection"] == 1_348_000_000
+    assert sum(stack.values()) == results["resnet_bk_full"].total_flops
+    fig, ax = plt.subplots()
+    _training_flops_bars(ax, results)
+    heights = {}
+    for patch in ax.patches:
+        x = round(patch.get_x() + patch.get_width() / 2)
+        heights[x] = max(heights.get(x, 0.0), patch.get_y() + patch.get_height())
+    plt.close(fig)
+    for i, r in enumerate(results.values()):
+        assert heights[i] == pytest.approx(r.total_flops, rel=1e-12)
+
+
+def test_one_epoch_runs_are_marked_points_and_said_so():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from bkbench.report.plots import _curves
+
+    results = passing_set()
+    for r in results.values():
+        r.epoch_losses, r.epoch_perplexities, r.epoch_times = [5.0], [150.0], [9.0]
+    fig, axes = plt.subplots(1, 3)
+    _curves(axes, results)
+    for ax in axes:
+        assert "one epoch: one point per run" in ax.get_title()
+        assert list(ax.get_xticks()) == [1]
+        for line in ax.get_lines():
+            assert line.get_marker() == "D" and line.get_linestyle() == "None"
+            assert line.get_label().endswith("(1 epoch)")
+    plt.close(fig)
+
+
+def test_flag_measurements_are_readable_lines_with_nothing_cut(tmp_path):
+    results = passing_set()
+    long_value = "a description that is far longer than sixty characters, to be shown whole"
+    results["resnet_bk_full"].flags = {"use_act": {
+        "settings": {"weight": 0.01, "eps": 0.01},
+        "measured": {"layers_used": {"mean": 2.5, "histogram": {"1": 10, "4": 30}},
+                     "note": long_value, "validation_curve": [{"epoch": 1}]}}}
+    for r in results.values():
+        r.save(tmp_path / f"{r.model_name}_results.json")
+    md = build_report(tmp_path)["report_md"].read_text()
+    section = md[md.index("## Optimisation flags"):md.index("## Claims audit")]
+    row = next(line for line in section.splitlines() if line.startswith("| `use_act`"))
+    assert "weight: 0.01<br>eps: 0.01" in row
+    assert "layers_used:<br>  mean: 2.5<br>  histogram:<br>    1: 10<br>    4: 30" in row
+    assert f"note: {long_value}" in row
+    assert "..." not in row and "{" not in row and "validation_curve" not in row

@@ -27,6 +27,14 @@ window.addEventListener("load", function () {
   for (const img of document.images) {
     img.setAttribute("data-loaded", img.complete && img.naturalWidth > 0 ? "1" : "0");
   }
+  // the widest table against the page's text column: a table must wrap, not overflow
+  let widest = 0;
+  for (const t of document.querySelectorAll("table")) {
+    widest = Math.max(widest, t.getBoundingClientRect().width);
+  }
+  document.body.setAttribute("data-widest-table", String(Math.ceil(widest)));
+  const column = parseFloat(getComputedStyle(document.body).width);   // without the padding
+  document.body.setAttribute("data-body-width", String(Math.ceil(column)));
   document.body.setAttribute("data-checked", "1");
 });
 </script>"""
@@ -59,7 +67,7 @@ def test_report_html_renders_in_chromium(tmp_path):
 
     checked = tmp_path / "check.html"
     checked.write_text(text.replace("</body>", CHECK_SCRIPT + "</body>"))
-    dom = chromium("--dump-dom", checked.as_uri())
+    dom = chromium("--dump-dom", "--window-size=1600,2400", checked.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert 'data-checked="1"' in html, "the load handler did not run"
@@ -69,6 +77,10 @@ def test_report_html_renders_in_chromium(tmp_path):
     assert html.count("<table") >= 8
     assert html.index(">Summary</h2>") < html.index(">Setup</h2>") < html.index(">Results")
     assert "contended, not judged" in html and 'class="untestable"' in html
+    # every table fits the 1,200 px text column (issue 28: the results table was > 1,400 px)
+    widest = int(re.search(r'data-widest-table="(\d+)"', html).group(1))
+    body = int(re.search(r'data-body-width="(\d+)"', html).group(1))
+    assert 0 < widest <= body <= 1200, (widest, body)
 
     shot_dir = Path(os.environ.get("BKBENCH_SCREENSHOT_DIR") or tmp_path)
     shot_dir.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,8 @@ def measure_point(config: BenchmarkConfig, vocab_size: int, steps: int, warmup: 
                 monitor.end_step()
         contention = monitor.result()
     report = measure_step_flops(trainer.model, config.batch_size, config.n_seq, vocab_size,
-                                device=device, optimizer=trainer.optimizer, seed=config.seed)
+                                device=device, optimizer=trainer.optimizer,
+                                compute_loss=trainer.compute_loss, seed=config.seed)
     tokens = config.batch_size * config.n_seq
     mixer = (report.forward_by_component.get("mixer", 0)
              + report.backward_by_component.get("mixer", 0))

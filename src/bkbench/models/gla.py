@@ -10,7 +10,7 @@ form is also matrix products, the other half of the comparison with ResNet-BK's 
 
 The model is the Transformer baseline with the attention swapped out: token + learned
 position embeddings, dropout, n_layers x [x + GLA(LN(x)), x + MLP(LN(x))], LayerNorm, LM head
-(tied or not); the MLP class is the Transformer's own. The mixer, per the paper and
+(tied or not); the block and model are the Transformer's own (``PreLNLM``). The mixer, per the paper and
 flash-linear-attention's layer (its defaults):
 
     q = W_q x, k = W_k x  (key width d/2 = expand_k * d),   v = W_v x  (value width d)
@@ -37,9 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.gla import BACKENDS, gated_linear_attention
-from .common import LanguageModel
 from .dropout import KeyedDropout
-from .transformer import MLP
+from .transformer import PreLNLM
 
 
 @dataclass
@@ -101,55 +100,8 @@ class GatedLinearAttention(nn.Module):
         return self.resid_dropout(self.o_proj(o))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: GLAConfig):
-        super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = GatedLinearAttention(cfg)
-        self.ln_mlp = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x))
-        return x + self.mlp(self.ln_mlp(x))
-
-
-class GLALM(LanguageModel):
-    # the Transformer's components: the mixer is the GLA layer and its LayerNorm
-    COMPONENTS = {
-        "embedding": ("tok_emb", "pos_emb"),
-        "mixer": ("attn", "ln_attn"),
-        "feed_forward": ("mlp", "ln_mlp"),
-        "lm_head": ("ln_f", "lm_head"),
-    }
+class GLALM(PreLNLM):
+    """The Transformer's model with GLA as the mixer (components, init and forward shared)."""
 
     def __init__(self, cfg: GLAConfig):
-        super().__init__()
-        self.config = cfg
-        self.n_seq = cfg.n_seq
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
-        self.drop = KeyedDropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
-        T = self.check_input(idx)
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+        super().__init__(cfg, lambda: GatedLinearAttention(cfg))

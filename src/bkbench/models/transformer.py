@@ -2,13 +2,15 @@
 
 Pre-LayerNorm blocks (x + Attn(LN(x)), x + MLP(LN(x))), causal self-attention through
 ``scaled_dot_product_attention(is_causal=True)``, a GELU MLP of width 4·d, learned position
-embeddings, dropout, optional weight tying.
+embeddings, dropout, optional weight tying. The block and the model around the mixer
+(:class:`PreLNBlock`, :class:`PreLNLM`) are shared with the GLA peer (``models/gla.py``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -69,11 +71,14 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+class PreLNBlock(nn.Module):
+    """x + mixer(LN(x)), then x + MLP(LN(x)). ``make_mixer()`` builds the token mixer (causal
+    self-attention, GLA, ...): the one part in which the pre-LN models differ."""
+
+    def __init__(self, cfg, make_mixer: Callable[[], nn.Module]):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = make_mixer()
         self.ln_mlp = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
@@ -82,7 +87,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
-class TransformerLM(LanguageModel):
+class PreLNLM(LanguageModel):
+    """Token + learned position embeddings, dropout, n_layers pre-LN blocks, LayerNorm, LM head
+    (tied or not); every Linear and Embedding weight ~ N(0, 0.02), biases 0. ``cfg`` needs
+    vocab_size, d_model, n_layers, n_seq, dropout and tie_weights."""
+
     # module-name pattern -> cost component, used by parameter and FLOP breakdowns
     COMPONENTS = {
         "embedding": ("tok_emb", "pos_emb"),
@@ -91,14 +100,14 @@ class TransformerLM(LanguageModel):
         "lm_head": ("ln_f", "lm_head"),
     }
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg, make_mixer: Callable[[], nn.Module]):
         super().__init__()
         self.config = cfg
         self.n_seq = cfg.n_seq
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
         self.drop = KeyedDropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(PreLNBlock(cfg, make_mixer) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
@@ -121,3 +130,8 @@ class TransformerLM(LanguageModel):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
+
+
+class TransformerLM(PreLNLM):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(cfg, lambda: CausalSelfAttention(cfg))
