@@ -360,7 +360,9 @@ class WikiText2Benchmark:
             seed=config.seed,
             environment=environment(device),
             flags=flag_records,
-            **_with_selection_flops(flops, flag_records),
+            **_with_selection_flops(flops_result_fields(step_flops, outcome.steps,
+                                                        eval_forward=eval_flops,
+                                                        eval_tokens=evaluated), flag_records),
         )
 
     def run_all(self, configs: list[BenchmarkConfig], resume: bool = False,

@@ -261,7 +261,8 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
                             "bytes with tokenizer=byte, as smoke; else the WikiText-2 word "
                             "vocabulary, 33,278, or 13,777 with --split-scheme proxy)")
     scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
-                       help="whose word vocabulary the models get (no data is read)")
+                       help="whose word vocabulary the models get (no data is read); with "
+                            "--train, the split scheme of the data (WikiText-2 only)")
     scale.add_argument("--steps", type=int, default=5, help="timed steps per point (median)")
     scale.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     scale.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
@@ -275,8 +276,6 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     scale.add_argument("--seeds", metavar="S,S,...", help="with --train: seeds per size")
     scale.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                        help="with --train: the dataset's folder (docs/data.md)")
-    scale.add_argument("--split-scheme", dest="split_scheme", choices=["official", "proxy"],
-                       help="with --train: official or proxy (WikiText-2 only)")
     scale.add_argument("--resume", action="store_true",
                        help="measure only the points an interrupted sweep's scale.json lacks")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -202,7 +202,7 @@ def settings_lines(config: Mapping[str, Any], data: Mapping[str, Any] | None = N
         values = settings.get(flag.removeprefix("use_"))
         if values:
             lines.insert(3 + flags.index(flag), f"    {flag}: " + " ".join(
-                f"{k}={_format_value(v)}" for k, v in values.items()))
+                f"{k}={format_value(v)}" for k, v in values.items()))
     return lines
 
 
