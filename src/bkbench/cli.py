@@ -21,7 +21,8 @@ from . import __version__
 from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, config_keys,
                      load_yaml)
 from .runs import check_can_write, renames_run
-from .validation import check_device, check_output_dir, nonempty_path
+from .validation import (check_device, check_output_dir, check_settings_have_their_flags,
+                         nonempty_path)
 
 # torch and everything that imports it are imported by the commands that need them
 
@@ -298,6 +299,9 @@ def _configs_from_args(args: argparse.Namespace,
     seeds = file_seeds if getattr(args, "seeds", None) is None else args.seeds
     configs = build_run_configs(args.preset, file_values, overrides, models,
                                 run_suffix=getattr(args, "run_suffix", None))
+    run_values = [v for v in (file_values.get("runs") or {}).values() if v]
+    for given in (file_values, overrides, *run_values):
+        check_settings_have_their_flags(given, configs)
     if seeds is None:
         return configs
     from .experiments.seeds import expand_seeds, parse_seeds
@@ -429,7 +433,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def _cmd_scale(args: argparse.Namespace) -> int:
     from .experiments.scale import format_scale, parse_int_list, run_scale
 
-    axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
+    axis = next(a for a in ("n_seq", "d_model", "n_layers")
+                if getattr(args, "sweep_" + a) is not None)
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
     if args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")

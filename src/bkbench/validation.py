@@ -240,3 +240,29 @@ def check_model_size(config, vocab_size: int, device) -> int:
             f"weights, gradients and optimizer state, more than the {available / 2**30:.1f} GiB "
             f"of {device}; lower d_model, n_layers or the vocabulary")
     return params
+
+
+def _given_setting_names(values: dict[str, Any]) -> list[str]:
+    """The flat names (``koopman_dim``) of the flag settings a config mapping sets, flat or
+    under ``flag_settings``."""
+    names = list(values)
+    for short, settings in (values.get("flag_settings") or {}).items():
+        if isinstance(settings, dict):
+            names += [f"{short}_{k}" for k in settings]
+    return names
+
+
+def check_settings_have_their_flags(given: dict[str, Any], configs) -> None:
+    """Refuse a flag setting given for runs none of which has its flag on: it would change
+    nothing (``--koopman-dim 0`` without ``--use-koopman`` trained the plain model)."""
+    from .flags.registry import settings_fields
+    fields = settings_fields()
+    for name in _given_setting_names(given):
+        if name not in fields:
+            continue   # not a flag setting (unknown names are refused by the config)
+        flag = fields[name][0].name
+        if not any(getattr(c, flag) for c in configs):
+            runs = ", ".join(c.model_name for c in configs)
+            raise _config_error()(
+                f"{name} is a setting of {flag}, which is off in every run here ({short(runs)}); "
+                f"add --{flag.replace('_', '-')} or leave {name} out")

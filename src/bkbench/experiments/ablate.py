@@ -106,6 +106,8 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
 
     output_dir = Path(output_dir)
     table_path = output_dir / ABLATION_FILE
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
     if table_path.exists() and not (overwrite or resume):
         raise ConfigError(f"{table_path} exists; pass --resume to finish or reuse its runs, "
                           "--overwrite to redo them, or choose another --output-dir")
