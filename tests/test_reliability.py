@@ -481,3 +481,28 @@ def test_scale_with_an_empty_sweep_exits_2_in_one_line(value, tmp_path, capsys):
                       "--output-dir", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--n-seq takes comma-separated positive integers" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["--models", "resnet_bk_baseline", "--use-koopman", "--koopman-dim", "100000000"],
+    ["--models", "resnet_bk_baseline", "--use-multi-scale", "--multi-scale-factor", "1000000"],
+    ["--models", "gla_baseline", "--gla-chunk-size", "1000000"],
+])
+def test_flag_and_model_sizes_beyond_memory_stop_before_allocation(args, shared_data_dir,
+                                                                   tmp_path, capsys):
+    out = tmp_path / "o"
+    code = exit_code(["run", "--preset", "smoke", *args, "--data-dir", str(shared_data_dir),
+                      "--split-scheme", "proxy", "--output-dir", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "GiB of cpu" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_flop_budget_below_one_step_stops_before_the_audit(shared_data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = exit_code(["run", "--preset", "smoke", "--models", "transformer_baseline",
+                      "--budget-flops", "1000", "--data-dir", str(shared_data_dir),
+                      "--split-scheme", "proxy", "--output-dir", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "less than one training forward" in err and len(err.splitlines()) == 1
+    assert not out.exists()   # refused from the estimate: no run folder, no audit, no count

@@ -218,27 +218,29 @@ def _available_bytes(device) -> int | None:
 
 
 def check_model_size(config, vocab_size: int, device) -> int:
-    """Refuse a model whose weights, gradients and AdamW moments (16 bytes per float32
-    parameter) cannot fit in the device's memory, before allocating anything. The parameters
-    are counted on the meta device (no memory); a model whose construction needs real values
-    is bounded below by its token embedding. Returns the count (or the bound)."""
-    import torch
-
-    from .models import build_model
+    """Refuse, before anything is allocated, a run whose weights, gradients and AdamW moments
+    (16 bytes per float32 parameter) and largest activation cannot fit in the device's
+    memory, or whose FLOP budget is below one training forward (so below one step). The model
+    with its flags is sized on the meta device (:mod:`bkbench.size_estimate`): every size-like
+    setting of every model and flag reaches these numbers. Returns the parameter count."""
+    from .size_estimate import estimate
     ConfigError = _config_error()
-    try:
-        with torch.device("meta"):
-            model = build_model(config.architecture, vocab_size, **config.model_kwargs())
-        params = sum(p.numel() for p in model.parameters())
-    except (RuntimeError, NotImplementedError):  # e.g. .item() during initialisation
-        params = vocab_size * config.d_model
-    need = 16 * params
+    size = estimate(config, vocab_size)
+    params, activation = size.parameters, size.largest_tensor_bytes
+    need = 16 * params + activation
     available = _available_bytes(device)
     if available is not None and need > available:
         raise ConfigError(
-            f"{config.model_name}: {params:,} parameters need at least {need / 2**30:.1f} GiB for "
-            f"weights, gradients and optimizer state, more than the {available / 2**30:.1f} GiB "
-            f"of {device}; lower d_model, n_layers or the vocabulary")
+            f"{config.model_name}: {params:,} parameters need at least {16 * params / 2**30:.1f} "
+            f"GiB for weights, gradients and optimizer state and its largest activation "
+            f"{activation / 2**30:.1f} GiB, together more than the {available / 2**30:.1f} GiB "
+            f"of {device}; lower the model's or its flags' sizes (d_model, n_layers, batch sizes, "
+            "chunk, factor or dim settings)")
+    budget = config.budget_flops
+    if budget is not None and size.forward_flops is not None and budget < size.forward_flops:
+        raise ConfigError(
+            f"{config.model_name}: budget_flops ({budget:.3g}) is less than one training "
+            f"forward ({size.forward_flops:.3g} counted FLOPs), so less than one step; raise it")
     return params
 
 

@@ -118,9 +118,12 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
     if seeds:
         configs = expand_seeds(configs, seeds)
     bench = WikiText2Benchmark(output_dir, progress=progress)
-    for c in configs[:1]:  # data and training size checked before any work
-        from ..train import steps_per_epoch
-        steps_per_epoch(c, bench.load_data(c).train.numel())
+    from ..train import resolve_device, steps_per_epoch
+    from ..validation import check_model_size
+    data = bench.load_data(configs[0])   # data, training size and each row's memory and
+    steps_per_epoch(configs[0], data.train.numel())   # FLOP budget checked before any work
+    for c in rows.values():
+        check_model_size(c, len(data.vocab), resolve_device(c.device))
     for c in configs:  # no row may replace a finished run unless asked to
         bench.check_can_write(c, resume=resume, overwrite=overwrite)
     if jobs == 1:
