@@ -506,3 +506,73 @@ def test_a_flop_budget_below_one_step_stops_before_the_audit(shared_data_dir, tm
     err = capsys.readouterr().err.strip()
     assert code == 2 and "less than one training forward" in err and len(err.splitlines()) == 1
     assert not out.exists()   # refused from the estimate: no run folder, no audit, no count
+
+
+# --- issue 26: every command that writes into a folder holds its lock ------------------------
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from bkbench.runlock import RunLock; "
+         f"RunLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.parametrize("command", [
+    ["ablate", "--preset", "smoke", "--max-steps", "1", "--split-scheme", "proxy", "--quiet"],
+    ["scale", "--preset", "smoke", "--models", "transformer_baseline", "--n-seq", "8,16",
+     "--steps", "1", "--warmup", "0", "--vocab-size", "50", "--quiet"],
+])
+def test_ablate_and_scale_refuse_a_folder_another_process_holds(command, shared_data_dir,
+                                                                tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        data = ["--data-dir", str(shared_data_dir)] if command[0] == "ablate" else []
+        code = exit_code([*command, *data, "--output-dir", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"PID {holder.pid}" in err and len(err.splitlines()) == 1, err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in out.iterdir()] == [".bkbench.lock"]   # nothing written
+
+
+def test_report_refuses_a_folder_another_process_holds(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        assert exit_code(["report", str(out)]) == 2
+        assert f"PID {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in out.iterdir()] == [".bkbench.lock"]
+
+
+@pytest.mark.slow
+def test_a_run_into_the_folder_of_a_running_ablation_is_refused(shared_data_dir, tmp_path,
+                                                                capsys):
+    out = tmp_path / "abl"
+    ablate = subprocess.Popen(
+        [sys.executable, "-m", "bkbench", "ablate", "--preset", "smoke", "--max-steps", "50",
+         "--data-dir", str(shared_data_dir), "--split-scheme", "proxy", "--quiet",
+         "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = out / ".bkbench.lock"
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().strip() == str(ablate.pid)):
+            assert ablate.poll() is None and time.time() < deadline, "the ablation took no lock"
+            time.sleep(0.1)
+        code = exit_code(["run", "--preset", "smoke", "--models", "transformer_baseline",
+                          "--max-steps", "1", "--data-dir", str(shared_data_dir),
+                          "--split-scheme", "proxy", "--output-dir", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"PID {ablate.pid}" in err and len(err.splitlines()) == 1, err
+        assert not list(out.glob("transformer_baseline*"))
+    finally:
+        ablate.send_signal(signal.SIGTERM)
+        ablate.wait(timeout=120)

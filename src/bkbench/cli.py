@@ -453,7 +453,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report_main
-    return report_main(str(args.results_dir))
+    from .runlock import FolderLock
+    with FolderLock(args.results_dir):   # not while a run, ablate or scale writes there
+        return report_main(str(args.results_dir))
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

@@ -209,8 +209,17 @@ def fit_scale(points: list[dict[str, Any]], axis: str) -> dict[str, dict[str, An
 def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int], vocab_size: int,
               output_dir: str | Path, *, tokens_per_batch: int | None = None, steps: int = 5,
               warmup: int = 2, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Measure every point in its own process, fit, write ``scale.json`` and the plots."""
-    output_dir = Path(output_dir)
+    """Measure every point in its own process, fit, write ``scale.json`` and the plots. The
+    output folder is locked throughout (bkbench.runlock)."""
+    from ..runlock import FolderLock
+    with FolderLock(output_dir) as folder:
+        return _run_scale(base, axis, values, vocab_size, Path(output_dir), folder,
+                          tokens_per_batch, steps, warmup, overwrite, progress)
+
+
+def _run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
+               vocab_size: int, output_dir: Path, folder, tokens_per_batch: int | None,
+               steps: int, warmup: int, overwrite: bool, progress: bool) -> dict[str, Any]:
     path = output_dir / SCALE_FILE
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it or choose another "
@@ -218,6 +227,7 @@ def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
     if steps < 1 or warmup < 0:
         raise ConfigError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
     configs = sweep_configs(base, axis, values, tokens_per_batch)
+    folder.hold()   # from here until scale.json is written no other command may write here
     from tqdm.auto import tqdm
     points = []
     bar = tqdm(configs, desc=f"scale {axis}", unit="point", disable=not progress or None)
@@ -237,7 +247,6 @@ def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
         "points": points, "fits": fit_scale(points, axis),
         "environment": environment(resolve_device(base[0].device)),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
     plot_scale(result, output_dir)
     return result
