@@ -268,3 +268,17 @@ def check_settings_have_their_flags(given: dict[str, Any], configs) -> None:
             raise _config_error()(
                 f"{name} is a setting of {flag}, which is off in every run here ({short(runs)}); "
                 f"add --{flag.replace('_', '-')} or leave {name} out")
+
+
+def check_selection_pool(config, windows: int) -> None:
+    """Refuse active learning whose candidate pool per round (batch_size x every / fraction
+    windows) is larger than the training split's ``windows``: it failed at the first step."""
+    if not config.use_active_learning:
+        return
+    from .flags.registry import settings_of
+    pool = settings_of(config, "use_active_learning").pool_batches() * config.batch_size
+    if pool > windows:
+        raise _config_error()(
+            f"{config.model_name}: active learning scores a pool of {pool} windows per round "
+            f"but the training split has {windows}; raise active_learning_fraction or lower "
+            "active_learning_every")
