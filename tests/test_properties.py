@@ -21,7 +21,8 @@ from bkbench.config import ConfigError, build_run_configs, load_yaml  # noqa: E4
 from bkbench.flags import build_model  # noqa: E402
 from bkbench.flags.registry import REGISTRY, setting_type, settings_fields  # noqa: E402
 from bkbench.train import Trainer, seed_everything, steps_per_epoch  # noqa: E402
-from bkbench.validation import check_model_size, check_settings_have_their_flags  # noqa: E402
+from bkbench.validation import (check_model_size, check_selection_pool,  # noqa: E402
+                                check_settings_have_their_flags)
 
 from conftest import make_corpus  # noqa: E402
 
@@ -85,6 +86,7 @@ def train_one_step_or_refuse(values, folder):
         (config,) = build_run_configs("smoke", file_values)
         check_settings_have_their_flags(file_values, [config])
         steps_per_epoch(config, CORPUS.train.numel())
+        check_selection_pool(config, (CORPUS.train.numel() - 1) // config.n_seq)
         check_model_size(config, len(CORPUS.vocab), torch.device("cpu"))
     except ConfigError as exc:
         message = str(exc)

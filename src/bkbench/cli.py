@@ -328,7 +328,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .summary import print_summary
     from .train import (TrainingDivergedError, TrainingInterrupted, init_distributed,
                         resolve_device, steps_per_epoch)
-    from .validation import check_model_size
+    from .validation import check_model_size, check_selection_pool
 
     for device in {c.device for c in configs}:
         check_device(device)
@@ -347,6 +347,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for config in configs:
             data = bench.load_data(config)
             steps_per_epoch(config, data.train.numel())
+            check_selection_pool(config, (data.train.numel() - 1) // config.n_seq)
             check_model_size(config, len(data.vocab), resolve_device(config.device))
         if is_main and lock is None:
             output_dir.mkdir(parents=True, exist_ok=True)

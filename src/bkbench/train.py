@@ -40,7 +40,6 @@ from .eval import EvalResult, evaluate, target_nll
 from .flags import FlagSet
 from .metrics.contention import ContentionMonitor
 from .models.dropout import dropout_key
-from .validation import check_selection_pool
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,6 @@ def steps_per_epoch(config: BenchmarkConfig, num_train_tokens: int) -> int:
             f"{config.model_name}: the training split has {num_train_tokens} tokens, fewer than "
             f"one batch of {config.batch_size} windows of n_seq={config.n_seq} tokens; lower "
             "batch_size or n_seq")
-    check_selection_pool(config, (num_train_tokens - 1) // config.n_seq)
     return steps
 
 

@@ -272,7 +272,9 @@ def check_settings_have_their_flags(given: dict[str, Any], configs) -> None:
 
 def check_selection_pool(config, windows: int) -> None:
     """Refuse active learning whose candidate pool per round (batch_size x every / fraction
-    windows) is larger than the training split's ``windows``: it failed at the first step."""
+    windows) is larger than the training split's ``windows``: it failed at the first step.
+    Called with the checks made before any work, not by the Trainer (a scale point trains on
+    a one-batch split and selects nothing)."""
     if not config.use_active_learning:
         return
     from .flags.registry import settings_of

@@ -128,11 +128,12 @@ def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequen
         configs = expand_seeds(configs, seeds)
     bench = WikiText2Benchmark(output_dir, progress=progress)
     from ..train import resolve_device, steps_per_epoch
-    from ..validation import check_model_size
+    from ..validation import check_model_size, check_selection_pool
     data = bench.load_data(configs[0])   # data, training size and each row's memory and
     steps_per_epoch(configs[0], data.train.numel())   # FLOP budget checked before any work
     for c in rows.values():
         check_model_size(c, len(data.vocab), resolve_device(c.device))
+        check_selection_pool(c, (data.train.numel() - 1) // c.n_seq)
     for c in configs:  # no row may replace a finished run unless asked to
         bench.check_can_write(c, resume=resume, overwrite=overwrite)
     bench.worker_fds = (folder.hold(),)   # the workers keep the folder locked while they live
