@@ -3,6 +3,7 @@ lock, workers that die with their parent, interrupts after training, keyed dropo
 input that stops in one line with exit code 2 before any work."""
 
 import json
+import math
 import logging
 import os
 import signal
@@ -576,3 +577,38 @@ def test_a_run_into_the_folder_of_a_running_ablation_is_refused(shared_data_dir,
     finally:
         ablate.send_signal(signal.SIGTERM)
         ablate.wait(timeout=120)
+
+
+def test_an_active_learning_pool_larger_than_the_split_stops_before_any_work(shared_data_dir,
+                                                                            tmp_path, capsys):
+    out = tmp_path / "o"
+    code = exit_code(["run", "--preset", "smoke", "--models", "resnet_bk_baseline",
+                      "--use-active-learning", "--active-learning-fraction", "0.0001",
+                      "--data-dir", str(shared_data_dir), "--split-scheme", "proxy",
+                      "--output-dir", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "scores a pool of" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["use_early_exit", "use_koopman", "use_physics_informed"])
+def test_layer_state_flags_train_with_an_hourglass_that_pools_the_first_block(flag):
+    # multi_scale_outer_layers=0 pools the first block's input; the per-layer states were read
+    # at the pooled length (early exit: "Expected input batch_size (8) to match target (16)")
+    from bkbench.flags import build_model as build_with_flags
+    corpus = make_corpus()
+    cfg = BenchmarkConfig(model_name="bk_hourglass", architecture="resnet_bk", d_model=8,
+                          n_layers=2, n_seq=8, batch_size=2, num_experts=2, epochs=0,
+                          max_steps=1, eval_batch_size=16, dropout=0.0, use_multi_scale=True,
+                          **{flag: True},
+                          flag_settings={"multi_scale": {"outer_layers": 0}}).validate()
+    seed_everything(0)
+    model, flags = build_with_flags(cfg, len(corpus.vocab))
+    trainer = Trainer(cfg, model, corpus, torch.device("cpu"), progress=False, flags=flags)
+    outcome = trainer.fit()
+    assert outcome.steps == 1 and all(map(math.isfinite, outcome.step_losses))
+    states = next(f for f in flags.flags.values() if hasattr(f, "states")).states
+    model.train()(torch.zeros(3, cfg.n_seq, dtype=torch.long))
+    full = states.full_resolution()
+    assert [tuple(s.shape[:2]) for s in full] == [(3, cfg.n_seq)] * (cfg.n_layers + 1)
+    assert states.states[0].shape[1] < cfg.n_seq   # the first block really ran pooled

@@ -42,6 +42,7 @@ class LayerStates:
 
     def _watch_stack(self, module, args) -> None:
         # the hourglass is installed by another flag, possibly after these hooks
+        self.entry = None   # a forward without the stack (without_hourglass) sets none
         stack = getattr(self.model, "stack", None)
         if stack is not None and stack is not self._hooked_stack:
             stack.register_forward_pre_hook(self._enter_stack)
