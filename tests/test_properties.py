@@ -1,5 +1,6 @@
-"""Property test (issue 15): any config, valid or not, either trains one step of a tiny model
-or stops with a ConfigError of one short line, never a traceback, a hang or a file.
+"""Property tests (issues 15 and 26): any config, valid or not, and any choice of optimisation
+flags and their settings, either trains one step of a tiny model or stops with a ConfigError
+of one short line, never a traceback, a hang or a file.
 
 Each example is written as a YAML file and goes the way of ``bkbench run --config``: the file
 is loaded, the runs assembled over the smoke preset and validated, then the run trains one step
@@ -18,8 +19,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from bkbench.config import ConfigError, build_run_configs, load_yaml  # noqa: E402
 from bkbench.flags import build_model  # noqa: E402
+from bkbench.flags.registry import REGISTRY, setting_type, settings_fields  # noqa: E402
 from bkbench.train import Trainer, seed_everything, steps_per_epoch  # noqa: E402
-from bkbench.validation import check_model_size  # noqa: E402
+from bkbench.validation import (check_model_size, check_selection_pool,  # noqa: E402
+                                check_settings_have_their_flags)
 
 from conftest import make_corpus  # noqa: E402
 
@@ -69,13 +72,9 @@ CONFIG = st.fixed_dictionaries({}, optional={
 })
 
 
-@pytest.mark.slow
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # shrinking: ~15 min in CI
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(values=CONFIG)
-def test_any_config_trains_one_step_or_fails_in_one_line(values, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prop")
+def train_one_step_or_refuse(values, folder):
+    """Write ``values`` as a YAML config of one run, make `bkbench run`'s checks, and train one
+    step; a refusal must be one short line and leave nothing behind."""
     path = folder / "config.yaml"
     name = values.pop("model_name", "transformer_p")  # the run's name is its key under runs
     if not isinstance(name, (str, int, float, bool, type(None))):
@@ -83,8 +82,11 @@ def test_any_config_trains_one_step_or_fails_in_one_line(values, tmp_path_factor
     doc = {**TINY, **values, "max_steps": 1, "eval_batch_size": 64, "runs": {name: {}}}
     path.write_text(yaml.safe_dump(doc))
     try:  # the checks `bkbench run` makes before any work
-        (config,) = build_run_configs("smoke", load_yaml(path))
+        file_values = load_yaml(path)
+        (config,) = build_run_configs("smoke", file_values)
+        check_settings_have_their_flags(file_values, [config])
         steps_per_epoch(config, CORPUS.train.numel())
+        check_selection_pool(config, (CORPUS.train.numel() - 1) // config.n_seq)
         check_model_size(config, len(CORPUS.vocab), torch.device("cpu"))
     except ConfigError as exc:
         message = str(exc)
@@ -99,3 +101,58 @@ def test_any_config_trains_one_step_or_fails_in_one_line(values, tmp_path_factor
     outcome = trainer.fit()
     assert outcome.steps == 1 and math.isfinite(outcome.step_losses[0])
     assert math.isfinite(outcome.test.loss) and outcome.test.num_tokens == CORPUS.test.numel()
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # shrinking: ~15 min in CI
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(values=CONFIG)
+def test_any_config_trains_one_step_or_fails_in_one_line(values, tmp_path_factory):
+    train_one_step_or_refuse(values, tmp_path_factory.mktemp("prop"))
+
+
+def setting_values(spec, f):
+    """Good values of a flag setting, from its type alone (every setting of every registered
+    flag, none named): small sizes and counts, fractions and weights in [0, 1], the default."""
+    kind, default = setting_type(spec.settings, f.name), f.default
+    if kind is bool:
+        good = st.booleans()
+    elif kind is int:   # sizes and repeats kept small: a one-step example must stay fast
+        good = st.integers(0, 4) | (st.just(default) if default <= 8 else st.nothing())
+    elif kind is float:
+        good = st.floats(0, 1) | st.just(default)
+    else:
+        good = st.just(default)
+    return field(good)
+
+
+@st.composite
+def flag_choices(draw):
+    """A run with a few flags on, each setting of theirs drawn or left at its default; one
+    time in ten also a flag that does not apply to the architecture, or a setting of a flag
+    that is off (both must be refused)."""
+    arch = draw(st.sampled_from(["transformer", "resnet_bk"]))
+    applicable = [n for n, s in REGISTRY.items() if arch in s.architectures]
+    on = draw(st.lists(st.sampled_from(applicable), unique=True, max_size=4))
+    if draw(st.integers(0, 9)) == 0:
+        on.append(draw(st.sampled_from(sorted(REGISTRY))))
+    values = {"model_name": f"{arch}_p", "n_layers": draw(st.integers(1, 3)),
+              **{name: True for name in on}}
+    fields = settings_fields()
+    for flat, (spec, f) in fields.items():
+        if spec.name in on and draw(st.booleans()):
+            values[flat] = draw(setting_values(spec, f))
+    if draw(st.integers(0, 9)) == 0:
+        flat = draw(st.sampled_from(sorted(fields)))
+        values[flat] = draw(setting_values(*fields[flat]))
+    return values
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(values=flag_choices())
+def test_any_flags_and_settings_train_one_step_or_fail_in_one_line(values, tmp_path_factory):
+    train_one_step_or_refuse(values, tmp_path_factory.mktemp("flags"))

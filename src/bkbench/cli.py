@@ -21,7 +21,8 @@ from . import __version__
 from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, config_keys,
                      load_yaml)
 from .runs import check_can_write, renames_run
-from .validation import check_device, check_output_dir, nonempty_path
+from .validation import (check_device, check_output_dir, check_settings_have_their_flags,
+                         nonempty_path)
 
 # torch and everything that imports it are imported by the commands that need them
 
@@ -333,6 +334,9 @@ def _configs_from_args(args: argparse.Namespace,
     seeds = file_seeds if getattr(args, "seeds", None) is None else args.seeds
     configs = build_run_configs(args.preset, file_values, overrides, models,
                                 run_suffix=getattr(args, "run_suffix", None))
+    run_values = [v for v in (file_values.get("runs") or {}).values() if v]
+    for given in (file_values, overrides, *run_values):
+        check_settings_have_their_flags(given, configs)
     if seeds is None:
         return configs
     from .experiments.seeds import expand_seeds, parse_seeds
@@ -359,7 +363,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .summary import print_summary
     from .train import (TrainingDivergedError, TrainingInterrupted, init_distributed,
                         resolve_device, steps_per_epoch)
-    from .validation import check_model_size
+    from .validation import check_model_size, check_selection_pool
 
     for device in {c.device for c in configs}:
         check_device(device)
@@ -379,6 +383,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for config in configs:
             data = bench.load_data(config)
             steps_per_epoch(config, data.train.numel())
+            check_selection_pool(config, (data.train.numel() - 1) // config.n_seq)
             check_model_size(config, len(data.vocab), resolve_device(config.device))
         if is_main and lock is None:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -482,7 +487,8 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     from .experiments.scale import (ScaleInterrupted, format_scale, parse_int_list,
                                     preset_vocab_size, run_scale)
 
-    axis = next(a for a in ("n_seq", "d_model", "n_layers") if getattr(args, "sweep_" + a))
+    axis = next(a for a in ("n_seq", "d_model", "n_layers")
+                if getattr(args, "sweep_" + a) is not None)
     values = parse_int_list(getattr(args, "sweep_" + axis), "--" + axis.replace("_", "-"))
     if args.train:
         from .experiments.size_scaling import main_from_args
@@ -514,7 +520,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report_main
-    return report_main(str(args.results_dir))
+    from .runlock import FolderLock
+    with FolderLock(args.results_dir):   # not while a run, ablate or scale writes there
+        return report_main(str(args.results_dir))
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

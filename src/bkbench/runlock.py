@@ -1,7 +1,9 @@
-"""One ``bkbench run`` per output folder, and no worker outliving its ``bkbench run``.
+"""One bkbench command per output folder, and no worker outliving its ``bkbench run``.
 
 - :class:`RunLock`: an exclusive ``flock`` on ``<output_dir>/.bkbench.lock`` holding the PID of
-  the process that took it. A second run on the same folder fails at once naming that PID.
+  the process that took it. Every command that writes into a folder (run, ablate, scale,
+  report) holds it while it does (:class:`FolderLock`); a second one on the same folder fails
+  at once naming that PID.
   The lock belongs to the open file, so a killed holder releases it; the isolated worker
   inherits the descriptor, so the folder stays locked until the worker is gone too.
 - :func:`die_with_parent`: called first thing in a worker process. On Linux the kernel sends
@@ -41,8 +43,9 @@ class RunLock:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(
-                f"output folder {str(self.path.parent)[:200]!r} is in use by another bkbench run "
-                f"(PID {holder}); wait for it to finish, stop it, or choose another --output-dir"
+                f"output folder {str(self.path.parent)[:200]!r} is in use by another bkbench "
+                f"command (PID {holder}); wait for it to finish, stop it, or choose another "
+                "--output-dir"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -59,6 +62,33 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class FolderLock:
+    """The :class:`RunLock` of a command's output folder, held from ``with`` to its end:
+    taken on entry when the folder exists (a busy folder stops the command before any work),
+    else by :meth:`hold`, which creates the folder once the command's checks have passed (bad
+    input creates nothing)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.lock: RunLock | None = None
+
+    def __enter__(self) -> "FolderLock":
+        if self.output_dir.is_dir():
+            self.lock = RunLock(self.output_dir).acquire()
+        return self
+
+    def hold(self) -> int:
+        """Create and lock the folder if not yet done; the lock's descriptor (for workers)."""
+        if self.lock is None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.output_dir).acquire()
+        return self.lock.fd
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def die_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:

@@ -211,24 +211,68 @@ def _available_bytes(device) -> int | None:
 
 
 def check_model_size(config, vocab_size: int, device) -> int:
-    """Refuse a model whose weights, gradients and AdamW moments (16 bytes per float32
-    parameter) cannot fit in the device's memory, before allocating anything. The parameters
-    are counted on the meta device (no memory); a model whose construction needs real values
-    is bounded below by its token embedding. Returns the count (or the bound)."""
-    import torch
-
-    from .models import build_model
-    try:
-        with torch.device("meta"):
-            model = build_model(config.architecture, vocab_size, **config.model_kwargs())
-        params = sum(p.numel() for p in model.parameters())
-    except (RuntimeError, NotImplementedError):  # e.g. .item() during initialisation
-        params = vocab_size * config.d_model
-    need = 16 * params
+    """Refuse, before anything is allocated, a run whose weights, gradients and AdamW moments
+    (16 bytes per float32 parameter) and largest activation cannot fit in the device's
+    memory, or whose FLOP budget is below one training forward (so below one step). The model
+    with its flags is sized on the meta device (:mod:`bkbench.size_estimate`): every size-like
+    setting of every model and flag reaches these numbers. Returns the parameter count."""
+    from .size_estimate import estimate
+    size = estimate(config, vocab_size)
+    params, activation = size.parameters, size.largest_tensor_bytes
+    need = 16 * params + activation
     available = _available_bytes(device)
     if available is not None and need > available:
         raise ConfigError(
-            f"{config.model_name}: {params:,} parameters need at least {need / 2**30:.1f} GiB for "
-            f"weights, gradients and optimizer state, more than the {available / 2**30:.1f} GiB "
-            f"of {device}; lower d_model, n_layers or the vocabulary")
+            f"{config.model_name}: {params:,} parameters need at least {16 * params / 2**30:.1f} "
+            f"GiB for weights, gradients and optimizer state and its largest activation "
+            f"{activation / 2**30:.1f} GiB, together more than the {available / 2**30:.1f} GiB "
+            f"of {device}; lower the model's or its flags' sizes (d_model, n_layers, batch sizes, "
+            "chunk, factor or dim settings)")
+    budget = config.budget_flops
+    if budget is not None and size.forward_flops is not None and budget < size.forward_flops:
+        raise ConfigError(
+            f"{config.model_name}: budget_flops ({budget:.3g}) is less than one training "
+            f"forward ({size.forward_flops:.3g} counted FLOPs), so less than one step; raise it")
     return params
+
+
+def _given_setting_names(values: dict[str, Any]) -> list[str]:
+    """The flat names (``koopman_dim``) of the flag settings a config mapping sets, flat or
+    under ``flag_settings``."""
+    names = list(values)
+    for short, settings in (values.get("flag_settings") or {}).items():
+        if isinstance(settings, dict):
+            names += [f"{short}_{k}" for k in settings]
+    return names
+
+
+def check_settings_have_their_flags(given: dict[str, Any], configs) -> None:
+    """Refuse a flag setting given for runs none of which has its flag on: it would change
+    nothing (``--koopman-dim 0`` without ``--use-koopman`` trained the plain model)."""
+    from .flags.registry import settings_fields
+    fields = settings_fields()
+    for name in _given_setting_names(given):
+        if name not in fields:
+            continue   # not a flag setting (unknown names are refused by the config)
+        flag = fields[name][0].name
+        if not any(getattr(c, flag) for c in configs):
+            runs = ", ".join(c.model_name for c in configs)
+            raise ConfigError(
+                f"{name} is a setting of {flag}, which is off in every run here ({short(runs)}); "
+                f"add --{flag.replace('_', '-')} or leave {name} out")
+
+
+def check_selection_pool(config, windows: int) -> None:
+    """Refuse active learning whose candidate pool per round (batch_size x every / fraction
+    windows) is larger than the training split's ``windows``: it failed at the first step.
+    Called with the checks made before any work, not by the Trainer (a scale point trains on
+    a one-batch split and selects nothing)."""
+    if not config.use_active_learning:
+        return
+    from .flags.registry import settings_of
+    pool = settings_of(config, "use_active_learning").pool_batches() * config.batch_size
+    if pool > windows:
+        raise ConfigError(
+            f"{config.model_name}: active learning scores a pool of {pool} windows per round "
+            f"but the training split has {windows}; raise active_learning_fraction or lower "
+            "active_learning_every")

@@ -52,31 +52,38 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
 def remove_experts(moe: nn.Module, keep: list[int], optimizer=None) -> list[nn.Parameter]:
     """Keep experts ``keep`` (ascending) of an MoE layer; return the removed parameters.
 
-    The gate keeps its Parameter object (sliced in place, with its optimizer state), so the
-    optimizer's parameter order is that of a model built with these experts.
+    The gate's rows are sliced into new Parameters that take the old ones' places in the
+    optimizer (with their sliced moments), so the optimizer's parameter order is that of a
+    model built with these experts. New objects, not ``.data`` swapped in place: autograd
+    keeps one gradient accumulator per parameter, sized at its creation, and DDP holds on to
+    it, so a resized parameter under DDP got gradients of the old shape (torchrun crashed).
     """
     removed = [p for e, ex in enumerate(moe.experts) if e not in keep for p in ex.parameters()]
     moe.experts = nn.ModuleList(moe.experts[e] for e in keep)
     gate = moe.gate
     index = torch.tensor(keep, device=gate.weight.device)
-    with torch.no_grad():
-        gate.weight.data = gate.weight.data.index_select(0, index).contiguous()
-        gate.weight.grad = None
-        if gate.bias is not None:
-            gate.bias.data = gate.bias.data.index_select(0, index).contiguous()
-            gate.bias.grad = None
+    replaced = {}
+    for name in ("weight", "bias"):
+        old = getattr(gate, name)
+        if old is not None:
+            new = nn.Parameter(old.detach().index_select(0, index).contiguous(),
+                               requires_grad=old.requires_grad)
+            setattr(gate, name, new)
+            replaced[id(old)] = (old, new)
     gate.out_features = len(keep)
     moe.num_experts = len(keep)
     moe.last_counts = moe.last_indices = moe.last_aux_loss = moe.last_probs_sum = None
     if optimizer is not None:
         gone = {id(p) for p in removed}
         for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in gone]
+            group["params"] = [replaced[id(p)][1] if id(p) in replaced else p
+                               for p in group["params"] if id(p) not in gone]
         for p in removed:
             optimizer.state.pop(p, None)
-        for p in [gate.weight] + ([gate.bias] if gate.bias is not None else []):
-            state = optimizer.state.get(p, {})
-            for k, v in list(state.items()):   # moments of the gate rows that stay
-                if torch.is_tensor(v) and v.dim() >= 1 and v.shape != p.shape:
-                    state[k] = v.index_select(0, index).contiguous()
+        for old, new in replaced.values():
+            state = optimizer.state.pop(old, None)
+            if state is not None:   # moments of the gate rows that stay
+                optimizer.state[new] = {k: v.index_select(0, index).contiguous()
+                                        if torch.is_tensor(v) and v.dim() >= 1 else v
+                                        for k, v in state.items()}
     return removed

@@ -74,7 +74,7 @@ def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool, overwrite:
 
 
 def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: bool,
-                  jobs: int, overwrite: bool = False) -> None:
+                  jobs: int, overwrite: bool = False, pass_fds: Sequence[int] = ()) -> None:
     """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
     forwarded so that every child checkpoints. A failed child fails the ablation."""
     pending, running, failed = list(configs), [], []
@@ -86,7 +86,8 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
             while pending and len(running) < jobs:
                 c = pending.pop(0)
                 running.append((c, subprocess.Popen(
-                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume, overwrite)])))
+                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume, overwrite)],
+                    pass_fds=tuple(pass_fds))))
             c, proc = running[0]
             code = proc.wait()
             running.pop(0)
@@ -109,11 +110,21 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
 def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequence[int] | None = None,
                  jobs: int = 1, resume: bool = False, overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:
-    """Train every row (per seed), then write the ablation table; return it."""
+    """Train every row (per seed), then write the ablation table; return it. The output
+    folder is locked throughout, its workers included (bkbench.runlock)."""
+    from ..runlock import FolderLock
+    with FolderLock(output_dir) as folder:
+        return _run_ablation(base, Path(output_dir), folder, seeds, jobs, resume, overwrite,
+                             progress)
+
+
+def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequence[int] | None,
+                  jobs: int, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
     from ..benchmark import WikiText2Benchmark
 
-    output_dir = Path(output_dir)
     table_path = output_dir / ABLATION_FILE
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
     if table_path.exists() and not (overwrite or resume):
         raise ConfigError(f"{table_path} exists; pass --resume to finish or reuse its runs, "
                           "--overwrite to redo them, or choose another --output-dir")
@@ -124,15 +135,20 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
     if seeds:
         configs = expand_seeds(configs, seeds)
     bench = WikiText2Benchmark(output_dir, progress=progress)
-    for c in configs[:1]:  # data and training size checked before any work
-        from ..train import steps_per_epoch
-        steps_per_epoch(c, bench.load_data(c).train.numel())
+    from ..train import resolve_device, steps_per_epoch
+    from ..validation import check_model_size, check_selection_pool
+    data = bench.load_data(configs[0])   # data, training size and each row's memory and
+    steps_per_epoch(configs[0], data.train.numel())   # FLOP budget checked before any work
+    for c in rows.values():
+        check_model_size(c, len(data.vocab), resolve_device(c.device))
+        check_selection_pool(c, (data.train.numel() - 1) // c.n_seq)
     for c in configs:  # no row may replace a finished run unless asked to
         bench.check_can_write(c, resume=resume, overwrite=overwrite)
+    bench.worker_fds = (folder.hold(),)   # the workers keep the folder locked while they live
     if jobs == 1:
         bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
     else:
-        _run_parallel(configs, output_dir, resume, jobs, overwrite)
+        _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds)
     results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
                for c in configs}
     table = build_table(rows, results, seeds, parallel_jobs=jobs)

@@ -267,12 +267,21 @@ def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
 
     ``scale.json`` is rewritten after every point (``complete: false`` until the last), so
     that Ctrl-C (:class:`ScaleInterrupted`) keeps the finished points and ``resume``
-    measures only the others."""
+    measures only the others. The output folder is locked throughout (bkbench.runlock)."""
+    from ..runlock import FolderLock
+    with FolderLock(output_dir) as folder:
+        return _run_scale(base, axis, values, vocab_size, Path(output_dir), folder,
+                          tokens_per_batch, steps, warmup, overwrite, progress, resume)
+
+
+def _run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
+               vocab_size: int, output_dir: Path, folder, tokens_per_batch: int | None,
+               steps: int, warmup: int, overwrite: bool, progress: bool,
+               resume: bool) -> dict[str, Any]:
     from ..progress import Phases, bar_size, duration
     from ..results import environment
     from ..train import resolve_device
 
-    output_dir = Path(output_dir)
     path = output_dir / SCALE_FILE
     if steps < 1 or warmup < 0:
         raise ConfigError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
@@ -287,6 +296,7 @@ def run_scale(base: Sequence[BenchmarkConfig], axis: str, values: Sequence[int],
     done = {(p["model_name"], p["value"]): p
             for p in _resumed_points(path, result, resume, overwrite)}
     todo = [c for c in configs if (c.model_name, int(getattr(c, axis))) not in done]
+    folder.hold()   # from here until scale.json is written no other command may write here
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def save(complete: bool) -> None:

@@ -48,7 +48,11 @@ _PER_SEED_FIELDS = {"seed", "model_name"}
 def parse_seeds(value: Any) -> list[int]:
     """``"1,2,3"`` or ``[1, 2, 3]`` -> [1, 2, 3]; a ConfigError for anything else."""
     if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
+        parts = [p.strip() for p in value.split(",")]
+        if any(parts) and not all(parts):   # "1,,2" or "1,2,": a seed left out by mistake?
+            raise ConfigError(f"seeds {value!r} has an empty entry; give comma-separated "
+                              "integers, e.g. --seeds 1,2,3")
+        parts = [p for p in parts if p]
     elif isinstance(value, (list, tuple)):
         parts = list(value)
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -160,9 +161,12 @@ def _coerce(flat: str, kind: type, value: Any) -> Any:
         if isinstance(value, bool):
             raise FlagConfigError(f"{flat} must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise FlagConfigError(f"{flat} must be a number, got {value!r}") from None
+        if not math.isfinite(number):   # nan passes every range check a setting makes
+            raise FlagConfigError(f"{flat} must be a finite number, got {value!r}")
+        return number
     if kind is str and not isinstance(value, str):
         raise FlagConfigError(f"{flat} must be a string, got {value!r}")
     return value

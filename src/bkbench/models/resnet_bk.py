@@ -111,15 +111,17 @@ class ResNetBKConfig:
 def inverse_softplus(y: float) -> float:
     """A float32 x with softplus(x) == float32(y) exactly, when one is within 3 ulps of the
     rounded solution of log(exp(y) - 1) (else that rounded solution)."""
-    x = torch.tensor(y + math.log(-math.expm1(-y)), dtype=torch.float32)
-    target = torch.tensor(y, dtype=torch.float32)
+    # on the CPU even when the model is built on the meta device (to size it): values needed
+    cpu = torch.device("cpu")
+    x = torch.tensor(y + math.log(-math.expm1(-y)), dtype=torch.float32, device=cpu)
+    target = torch.tensor(y, dtype=torch.float32, device=cpu)
     up, down = x, x
     for _ in range(4):  # rounding x to float32 can move softplus(x) by an ulp or so
         for c in (up, down):
             if F.softplus(c) == target:
                 return float(c)
-        up = torch.nextafter(up, torch.tensor(math.inf))
-        down = torch.nextafter(down, torch.tensor(-math.inf))
+        up = torch.nextafter(up, torch.tensor(math.inf, device=cpu))
+        down = torch.nextafter(down, torch.tensor(-math.inf, device=cpu))
     return float(x)
 
 
