@@ -149,3 +149,35 @@ def test_a_results_file_holding_nan_is_skipped(tmp_path, capsys):
     code, err, md = _report(folder, capsys)
     assert code == 0
     assert "resnet_bk_baseline_results.json skipped: holds NaN" in err
+
+
+def _size_scaling_table() -> dict:
+    from bkbench.experiments import size_scaling as ss
+    points = [{"model": m, "size": size, "seed": seed, "params": params,
+               "train_flops": params * 6e3, "train_tokens": 1000,
+               "test_loss": e + 30 * params ** -0.5 + 0.01 * seed, "test_bits_per_byte": None}
+              for m, e in (("transformer_baseline", 2.0), ("resnet_bk_baseline", 2.3))
+              for size, params in ((16, 1e4), (32, 4e4), (64, 1.6e5)) for seed in (0, 1)]
+    table = ss.analyse(points, "d_model")
+    table["setup"] = {"dataset": "wikitext-2", "tokenizer": "bpe:8192", "split_scheme": "proxy",
+                      "max_tokens": 4096, "budget_flops": None, "n_seq": 64, "batch_size": 8}
+    return table
+
+
+def test_a_size_sweep_in_the_folder_gets_its_section(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    (folder / "size_scaling.json").write_text(json.dumps(_size_scaling_table()))
+    code, err, md = _report(folder, capsys)
+    assert code == 0 and "skipped" not in err
+    section = md.split("## Quality against model size", 1)[1]
+    assert "resnet_bk_baseline" in section and "+0.300" in section   # the gap at every size
+
+
+def test_a_size_sweep_of_wrong_types_is_named_and_skipped(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    table = _size_scaling_table()
+    table["gaps"]["resnet_bk_baseline"]["by_size"]["16"]["diff"] = "0.3"
+    (folder / "size_scaling.json").write_text(json.dumps(table))
+    code, err, md = _report(folder, capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "size_scaling.json skipped: " in err and "Quality against model size" not in md

@@ -29,6 +29,7 @@ import numpy as np
 from .stats import summarize, welch_difference_ci
 
 AXES = ("d_model", "n_layers")
+SIZE_SCALING_FILE = "size_scaling.json"
 REFERENCE = "transformer_baseline"
 DEFAULT_MODELS = "transformer_baseline,resnet_bk_baseline,resnet_bk_full,gla_baseline"
 
@@ -127,7 +128,7 @@ def run_size_sweep(planned: Sequence[tuple[str, int, int, Any]], axis: str, outp
     table["setup"] = {k: first.get(k) for k in ("dataset", "tokenizer", "split_scheme",
                                                 "max_tokens", "budget_flops", "n_seq",
                                                 "batch_size")}
-    write_json_atomic(Path(output_dir) / "size_scaling.json", table)
+    write_json_atomic(Path(output_dir) / SIZE_SCALING_FILE, table)
     plot_size_scaling(table, Path(output_dir) / "size_scaling.png")
     return table
 

@@ -16,7 +16,8 @@ from . import tables
 from .claims import Claim, audit_claims, format_claims, with_seed_means
 from .common import (BASELINE, LONG_SEQUENCE_N, ReportError, change_text, div, fmt, is_proxy)
 from .html import Doc
-from .inputs import load_ablation_table, load_results_dir, load_scale_sweep
+from ..experiments.data_section import units_section
+from .inputs import load_ablation_table, load_results_dir, load_scale_sweep, load_size_scaling
 from .plots import plot_flops_breakdown, plot_training_curves
 
 _OF_TF = "the Transformer's"
@@ -147,6 +148,7 @@ def build_doc(results: dict[str, BenchmarkResults], comparisons: list[dict],
     summary_section(doc, results, claims, aggregates or {})
     tables.setup_section(doc, results)
     tables.results_section(doc, results)
+    units_section(doc, results.values())
     tables.peers_section(doc, results)
     tables.contention_section(doc, results)
     tables.flags_section(doc, results)
@@ -164,11 +166,13 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     """
     from ..experiments.report_sections import (ablation_section, budget_section, scale_section,
                                                seeds_section)
+    from ..experiments.size_scaling import size_scaling_section
     from ..experiments.seeds import write_aggregates
 
     folder = Path(results_dir)
     results, problems = load_results_dir(folder)
     scale, ablation = load_scale_sweep(folder, problems), load_ablation_table(folder, problems)
+    size_scaling = load_size_scaling(folder, problems)
     comparisons, left_out = like_for_like(results, SEED_PAIRS + PEER_PAIRS)
     for d in comparisons:
         write_json_atomic(comparison_path(folder, d["a"], d["b"]), d)
@@ -186,6 +190,9 @@ def build_report(results_dir: str | Path) -> dict[str, Path]:
     budget_section(doc, results)
     section_images = [folder / n for n in (*scale_section(doc, scale),
                                            *ablation_section(doc, ablation))]
+    if size_scaling is not None:
+        size_scaling_section(doc, size_scaling)
+        section_images.append(folder / "size_scaling.png")
     md_path, html_path = folder / "report.md", folder / "report.html"
     write_bytes_atomic(md_path, doc.markdown().encode("utf-8"))
     images = {p.name: p.read_bytes() for p in [*paths.values(), *section_images] if p.is_file()}
@@ -202,6 +209,7 @@ def report_main(results_dir: str) -> int:
         results, problems = load_results_dir(results_dir)
         scale = load_scale_sweep(results_dir, problems)
         load_ablation_table(results_dir, problems)
+        load_size_scaling(results_dir, problems)
     except ReportError as exc:
         print(f"bkbench report: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from jsonschema.exceptions import best_match
 
 from ..experiments.ablate import ABLATION_FILE
 from ..experiments.scale import SCALE_FILE
+from ..experiments.size_scaling import SIZE_SCALING_FILE
 from ..results import MAX_RESULTS_BYTES, BenchmarkResults
 from .common import BASELINE, CANDIDATE, ReportError
 
@@ -182,6 +183,28 @@ def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResult
     return results, problems
 
 
+SIZE_SCALING_SCHEMA = {
+    "type": "object",
+    "required": ["axis", "sizes", "reference", "fits", "gaps", "setup"],
+    "properties": {
+        "axis": {"enum": ["d_model", "n_layers"]},
+        "sizes": {"type": "array", "items": _INT, "minItems": 1},
+        "reference": _STR,
+        "fits": {"type": "object", "additionalProperties": _OBJ},
+        "gaps": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["by_size", "verdict"],
+            "properties": {"verdict": _STR, "by_size": {
+                "type": "object", "additionalProperties": {
+                    "type": "object", "required": ["diff", "low", "high"],
+                    "properties": {"diff": _NUMBER, "low": _nullable(_NUMBER),
+                                   "high": _nullable(_NUMBER)}}}}}},
+        "setup": {"type": "object", "required": ["dataset", "tokenizer", "split_scheme"],
+                  "anyOf": [{"required": ["max_tokens"], "properties": {"max_tokens": _INT}},
+                            {"required": ["budget_flops"],
+                             "properties": {"budget_flops": _NUMBER}}]},
+    }}
+
+
 def _load_optional(path: Path, schema: dict, problems: list[str]) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -202,3 +225,9 @@ def load_ablation_table(results_dir: str | Path, problems: list[str]) -> dict[st
     """The folder's ``ablation.json`` (``bkbench ablate``), or None: absent, or invalid (then
     named in ``problems``)."""
     return _load_optional(Path(results_dir) / ABLATION_FILE, ABLATION_SCHEMA, problems)
+
+
+def load_size_scaling(results_dir: str | Path, problems: list[str]) -> dict[str, Any] | None:
+    """The folder's ``size_scaling.json`` (``bkbench scale --train``), or None: absent, or
+    invalid (then named in ``problems``)."""
+    return _load_optional(Path(results_dir) / SIZE_SCALING_FILE, SIZE_SCALING_SCHEMA, problems)
