@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bkbench.results import cpu_model
+
 CONDITIONS = ("quiet", "busy", "busy + policy")
 
 
@@ -45,21 +47,11 @@ def _spin() -> None:  # a CPU-bound neighbour
         pass
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> str:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{_cpu_model()}; {os.cpu_count()} CPUs on the machine, {cpus} available; "
+    return (f"{cpu_model()}; {os.cpu_count()} CPUs on the machine, {cpus} available; "
             f"torch {torch.__version__}; Python {platform.python_version()}; "
             f"load average at start {os.getloadavg()[0]:.2f}")
 

@@ -166,7 +166,8 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, origin or hint)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's name, as the results' environment records it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -198,7 +199,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
