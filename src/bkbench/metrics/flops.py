@@ -68,7 +68,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..eval import fused_head
-from ..ops.lm_loss import FUSED_OPS, lm_head_nll
+from ..ops.lm_loss import FUSED_OPS
 from ..ops.lm_loss import logits_of as lm_logits_of
 
 __all__ = [
@@ -187,6 +187,12 @@ def _cpu_flash_bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs)
     return 2 * _attention_fwd_flops(query, key, value)
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # the integer layers' int8 x int8 -> int32 product (IntLinear): one multiply-add per term,
+    # counted as a float matmul of the same shape would be
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _rnn_fwd_flops(rows: int, weight_shapes) -> int:
     # every step multiplies the layer input and the hidden state by the gates' weights
     return 2 * rows * sum(math.prod(s) for s in weight_shapes)
@@ -224,6 +230,7 @@ def _extra_formulas() -> dict:
                           ("_cudnn_rnn", _cudnn_rnn_fwd), ("_cudnn_rnn_backward", _cudnn_rnn_bwd)):
         if hasattr(aten, name):
             extra[getattr(aten, name)] = formula
+    extra[aten._int_mm] = _int_mm_flops
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
@@ -908,8 +915,7 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
                         finally:
                             tracker._stack.clear()
                         if head is not None:
-                            loss = lm_head_nll(logits, head.weight, head.bias,
-                                               targets) / targets.numel()
+                            loss = head.nll(logits, targets) / targets.numel()
                     if head is None:
                         loss = loss_fn(logits, targets)
                     aux = model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else None
@@ -1021,7 +1027,7 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
                 finally:
                     tracker._stack.clear()
                 if head is not None:   # as evaluate() does
-                    lm_head_nll(out, head.weight, head.bias, targets, reduction="none")
+                    head.nll(out, targets, reduction="none")
                 else:
                     F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1))
         finally:

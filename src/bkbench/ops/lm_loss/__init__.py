@@ -38,7 +38,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import naive
 
-__all__ = ["lm_head_nll", "default_chunk_rows", "CHUNK_ELEMENTS", "naive"]
+__all__ = ["lm_head_nll", "default_chunk_rows", "CHUNK_ELEMENTS", "naive", "Head", "head_of"]
 
 #: logits per chunk (2**23 float32 values: 32 MiB, 608 rows at V = 13,777, against 225 MiB for
 #: the full logits). ``benchmarks/train_step.py`` ("LM head + loss") times the chunk sizes; on
@@ -255,3 +255,7 @@ def lm_head_nll(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not needs_grad:
         return _nll_rows(h, weight, bias, t, chunk, dtype).sum()
     return _NLLSum.apply(h, weight, bias, t, chunk, dtype)
+
+
+# the head protocol uses lm_head_nll, so it is imported once that is defined
+from .head import Head, head_of  # noqa: E402
