@@ -114,6 +114,23 @@ def test_quantized_weights_lie_on_the_grid_and_evaluation_uses_integers(bits):
     assert audit_causality(evaluated, V, seq_len=16, modes=("eval",)).causal
 
 
+def test_quantization_records_integer_against_float_evaluation_on_the_same_text():
+    from bkbench.compression.quantization import float_model
+    t = trainer(config(use_quantization=True, quantization_bits=4, quantization_record_windows=2))
+    outcome = t.fit()
+    rec = t.flags.record(t.context, outcome)["use_quantization"]["measured"]
+    held = rec["integer_against_float32"]
+    stream = t.data.test[:2 * 16]
+    assert held["tokens"] == stream.numel()
+    plain = float_model(t.model)
+    assert not any(isinstance(m, QATLinear) for m in plain.modules())
+    assert held["perplexity"]["float32"] == t.evaluate(plain, stream).perplexity
+    assert held["perplexity"]["integer"] == t.evaluate(integer_model(t.model), stream).perplexity
+    assert held["perplexity"]["integer"] != held["perplexity"]["float32"]   # 4 bits change it
+    assert held["eval_seconds"]["integer"] > 0 and held["eval_seconds"]["float32"] > 0
+    assert "storage only" in rec["int4"]
+
+
 def test_int4_packing_roundtrip():
     q = torch.randint(-7, 8, (5, 9), dtype=torch.int8)
     packed = pack_int4(q)

@@ -54,6 +54,15 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def eval_flop_windows(split: torch.Tensor, config: BenchmarkConfig) -> torch.Tensor:
+    """(eval_batch_size, n_seq + 1) consecutive windows of held-out text from the split's
+    start, on which evaluation FLOPs are counted (repeated if the split is shorter)."""
+    need = config.eval_batch_size * config.n_seq + 1
+    stream = split.repeat(-(-need // split.numel()))[:need]
+    starts = torch.arange(config.eval_batch_size) * config.n_seq
+    return stream[starts[:, None] + torch.arange(config.n_seq + 1)]
+
+
 def _with_selection_flops(fields: dict, flag_records: dict) -> dict:
     """Add the data-selection flags' scoring passes (``selection_flops`` in their records) as
     ``flops.selection`` and into ``total_flops``: forwards the run paid for to choose its
@@ -222,11 +231,16 @@ class WikiText2Benchmark:
         step_flops = measure_step_flops(model, config.batch_size, config.n_seq, vocab_size,
                                         device=device, optimizer=trainer.optimizer,
                                         compute_loss=trainer.compute_loss, seed=config.seed)
-        eval_flops = measure_forward_flops(model, config.eval_batch_size, config.n_seq,
-                                           vocab_size, device=device, seed=config.seed)
         evaluated = (outcome.valid.num_tokens * len(outcome.epoch_perplexities)
                      + outcome.test.num_tokens)
         flag_records = trainer.flags.record(trainer.context, outcome)
+        # the model as evaluation runs it (early exits, integer layers), on validation text
+        # (exits and routing depend on the tokens); after the records, which read the test
+        # evaluation's exits
+        eval_flops = measure_forward_flops(trainer.flags.prepare_for_eval(model),
+                                           config.eval_batch_size, config.n_seq, vocab_size,
+                                           device=device,
+                                           windows=eval_flop_windows(data.valid, config))
         flops = flops_result_fields(step_flops, outcome.steps, eval_forward=eval_flops,
                                     eval_tokens=evaluated)
         return BenchmarkResults(

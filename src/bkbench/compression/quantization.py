@@ -188,14 +188,35 @@ def stored_bytes(model: nn.Module) -> int:
     return total
 
 
-def integer_model(model: nn.Module) -> nn.Module:
-    """A copy of a QAT model with every QATLinear replaced by its IntLinear (eval mode)."""
+def _converted(model: nn.Module, make) -> nn.Module:
+    """A copy of a QAT model with every QATLinear replaced by ``make(layer)``, in eval mode."""
     if not any(isinstance(m, QATLinear) for m in model.modules()):
         raise ValueError("integer_model needs a model with QATLinear layers (use_quantization)")
     # tensors that are not graph leaves (pruning's recomputed ``weight``) cannot be deep-copied;
-    # a detached view is enough, each IntLinear reads its layer's parameters again
+    # a detached view is enough, each new layer reads its layer's parameters again
     memo = {id(v): v.detach() for m in model.modules() for v in vars(m).values()
             if torch.is_tensor(v) and v.grad_fn is not None}
     copied = copy.deepcopy(model, memo)
-    _replace(copied, QATLinear, IntLinear)
+    _replace(copied, QATLinear, make)
     return copied.eval()
+
+
+def integer_model(model: nn.Module) -> nn.Module:
+    """A copy of a QAT model with every QATLinear replaced by its IntLinear (eval mode)."""
+    return _converted(model, IntLinear)
+
+
+def float_linear(qat: QATLinear) -> nn.Linear:
+    """The float32 Linear of a QAT layer's (masked) weights, quantizing nothing."""
+    linear = nn.Linear(qat.in_features, qat.out_features, bias=qat.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(current_weight(qat))
+        if qat.bias is not None:
+            linear.bias.copy_(qat.bias)
+    return linear
+
+
+def float_model(model: nn.Module) -> nn.Module:
+    """A copy of a QAT model whose layers multiply their float weights unquantized: the
+    model without quantization, the same trained weights (the integer model's comparison)."""
+    return _converted(model, float_linear)
