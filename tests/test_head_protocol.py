@@ -35,12 +35,11 @@ def batch(seed):
 def fused_calls(monkeypatch):
     """Counts the calls of the fused op through the head protocol."""
     calls = []
-    real = head_module.lm_head_nll
-
-    def counting(*args, **kwargs):
-        calls.append(args[1].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(head_module, "lm_head_nll", counting)
+    for name in ("lm_head_nll", "lm_head_nll_int8"):     # float and integer heads
+        def counting(*args, real=getattr(head_module, name), **kwargs):
+            calls.append(args[1].shape)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(head_module, name, counting)
     return calls
 
 
@@ -108,7 +107,8 @@ def test_the_integer_head_is_fused_and_equals_its_int_mm_forward(bits, fused_cal
         fused = target_nll(model, inputs, targets, reduction="none")
         ref = F.cross_entropy(model(inputs).reshape(-1, V), targets.reshape(-1),
                               reduction="none").view(targets.shape)
-    assert len(fused_calls) == 1
+    assert fused_calls == [(V, 16)]
+    assert model.lm_head.effective_head().weight.dtype == torch.int8   # integer products
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.lm_loss import ACT_QMAX
 from ..ops.lm_loss.head import Head, current_weight
 
-
-ACT_QMAX = 127
 
 
 def qmax_of(bits: int) -> int:
@@ -97,12 +96,6 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.where(both > 7, both - 16, both).to(torch.int8)
 
 
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8: (int8 values, float32 (rows, 1) scales) of float rows ``x``."""
-    scale = token_scale(x)
-    return torch.clamp(torch.round(x / scale), -ACT_QMAX, ACT_QMAX).to(torch.int8), scale
-
-
 class IntLinear(nn.Module):
     """Integer weights and per-channel scales; int8 GEMM (``torch._int_mm``).
 
@@ -136,23 +129,14 @@ class IntLinear(nn.Module):
         return unpack_int4(self.weight_int4_packed, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).float()
-        if x.shape[0] == 0:
-            return x.new_zeros(*lead, self.out_features)
-        x_int, scale = quantize_tokens(x)
-        acc = torch._int_mm(x_int, self.int_weight().t())   # exact int32
-        y = acc.float() * scale * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        if x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.float32)
+        return self.effective_head().logits(x)
 
     def effective_head(self) -> Head:
-        """The integer grid as float32: weight ``w_int * scale`` and the per-token rounding of
-        the input, so a fused loss computes this layer's logits (to float32 rounding of the
-        products, which the int32 accumulation does not have)."""
-        weight = self.int_weight().float() * self.weight_scale[:, None]
-        return Head(weight, self.bias, lambda x: fake_quant_tokens(x.float()))
+        """The int8 weight, its scales and the bias; the input is rounded to INT8 per token
+        and multiplied in int32 (:func:`bkbench.ops.lm_loss.int8_logits`)."""
+        return Head(self.int_weight(), self.bias, weight_scale=self.weight_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

@@ -21,10 +21,9 @@ What it does
     weight is stored (out, in), whose transpose view is the column-major operand the kernel
     takes without a copy. INT4 saves storage only: its packed weights are unpacked to int8 at
     each call. The LM head stays fused with the loss (the head protocol,
-    ``ops/lm_loss/head.py``): its logits are float32 products of the same integer grid
-    (int8 weights times their scales, activations rounded per token), chunk by chunk, equal
-    to the integer layer's to float32 rounding. Every validation and the test perplexity of
-    the run are this integer model's.
+    ``ops/lm_loss/head.py``): ``lm_head_nll_int8`` runs the same int8 x int8 -> int32
+    products chunk by chunk, the logits never all in memory. Every validation and the test
+    perplexity of the run are this integer model's.
 
     Why not ``torch.ao.quantization.quantize_dynamic``: its dynamically quantized Linear
     takes one activation scale for the whole input batch, so a later token changes the
@@ -132,8 +131,8 @@ class Quantization(Flag):
                 "integer_kernel": "torch._int_mm (int8 x int8 -> int32), weights stored (out, "
                                   "in) and passed as their column-major transpose view",
                 "int4": int4,
-                "lm_head": "fused with the loss (ops/lm_loss): float32 products of the integer "
-                           "grid (int8 weights x scales, rounded activations), chunked",
+                "lm_head": "fused with the loss, chunked: int8 x int8 -> int32 products "
+                           "(ops/lm_loss lm_head_nll_int8)",
                 "quantized_layers": self.layers,
                 "test_perplexity_integer": outcome.test.perplexity,
                 "test_perplexity_fake_quant": fake.perplexity,

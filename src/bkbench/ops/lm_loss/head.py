@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
-from . import lm_head_nll   # defined before the package imports this module
+# defined before the package imports this module
+from . import int8_logits, lm_head_nll, lm_head_nll_int8, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,30 @@ class Head:
     # row-wise map of the features before the product (None: identity). Row-wise, so the
     # chunked loss may apply it to the whole batch at once and stay causal.
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # an integer head: ``weight`` is int8 with these (V,) float scales, and the features are
+    # rounded to INT8 per token (``quantize_rows``) for an int8 x int8 -> int32 product
+    weight_scale: torch.Tensor | None = None
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.transform is None else self.transform(features)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The head's output, as the module's forward would compute it (the fused loss's oracle)."""
-        return F.linear(self.inputs(features), self.weight, self.bias)
+        x = self.inputs(features)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = int8_logits(*quantize_rows(rows), self.weight, self.weight_scale, self.bias)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
 
     def nll(self, features: torch.Tensor, targets: torch.Tensor,
             reduction: str = "sum") -> torch.Tensor:
-        """NLL of ``targets`` with the head fused into the loss (:func:`lm_head_nll`)."""
-        return lm_head_nll(self.inputs(features), self.weight, self.bias, targets, reduction)
+        """NLL of ``targets`` with the head fused into the loss (:func:`lm_head_nll`, or
+        :func:`lm_head_nll_int8` for an integer head)."""
+        x = self.inputs(features)
+        if self.weight_scale is None:
+            return lm_head_nll(x, self.weight, self.bias, targets, reduction)
+        return lm_head_nll_int8(x, self.weight, self.weight_scale, self.bias, targets, reduction)
 
 
 def current_weight(module: nn.Module) -> torch.Tensor:
