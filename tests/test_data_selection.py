@@ -64,7 +64,7 @@ def test_curriculum_ranks_by_score_and_paces_the_first_batches_to_the_easiest():
 def test_full_competence_draws_from_every_window():
     t = trainer(config(use_curriculum=True, curriculum_initial_competence=1.0, epochs=4))
     flag = t.flags.flags["use_curriculum"]
-    assert flag.competence_at(t, 0) == 1.0
+    assert flag.competence_at(t.context, 0) == 1.0
     seen = torch.cat([t.epoch_order(e) for e in range(4)])
     # c = 1: the pool is all windows, so the hard half is fed too (not only the easy half)
     hard = set(flag.ranking[t.num_windows // 2:].tolist())
@@ -78,8 +78,8 @@ def test_competence_schedule_equals_the_formula():
     assert competence(40, c0, T) == 1.0 and competence(1000, c0, T) == 1.0
     t = trainer(config(use_curriculum=True, curriculum_full_at=0.5))   # 30 steps: T = 15
     flag = t.flags.flags["use_curriculum"]
-    assert flag.full_steps(t) == 15.0
-    assert flag.competence_at(t, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))
+    assert flag.full_steps(t.context) == 15.0
+    assert flag.competence_at(t.context, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))
     out = t.fit()
     rec = flag.record(t.context, out)
     for sample in rec["competence_samples"]:
@@ -177,7 +177,7 @@ def test_scoring_leaves_the_model_in_training_mode_without_gradients():
     t = trainer(config(use_active_learning=True))
     flag = t.flags.flags["use_active_learning"]
     t.model.train()
-    losses = flag._score(t, torch.arange(16))
+    losses = flag._score(t.context, torch.arange(16))
     assert t.model.training and not losses.requires_grad
     assert all(p.grad is None for p in t.model.parameters())
 

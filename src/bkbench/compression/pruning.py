@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models.layers.attached import attached_ids
+from ..models.resnet_bk import BKMixer, MoEFeedForward
 from .quantization import QATLinear
 
 
@@ -22,15 +24,23 @@ def cubic_sparsity(step: int, t0: int, t_end: int, target: float) -> float:
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    layers = {}
+    """The Linear layers magnitude pruning masks, by name: every Linear of the blocks (experts
+    or MLP, attention projections) except the MoE gates and the BK mixers' small projections,
+    and the LM head unless it is tied to the embedding; never a flag's attached module."""
+    excluded = attached_ids(model)
+    for m in model.modules():
+        if isinstance(m, BKMixer):
+            excluded |= {id(x) for x in m.modules()}
+        elif isinstance(m, MoEFeedForward):
+            excluded.add(id(m.gate))
+    in_blocks = {id(m) for m in model.blocks.modules()} if hasattr(model, "blocks") else set()
     tied = getattr(getattr(model, "config", None), "tie_weights", False)
+    head = getattr(model, "lm_head", None)
+    layers = {}
     for name, module in model.named_modules():
-        parts = name.split(".")
-        if not isinstance(module, (nn.Linear, QATLinear)) or "flag_modules" in parts:
+        if not isinstance(module, (nn.Linear, QATLinear)) or id(module) in excluded:
             continue
-        if parts[0] == "blocks" and ("gate" in parts or "bk" in parts):
-            continue
-        if parts[0] == "blocks" or (name == "lm_head" and not tied):
+        if id(module) in in_blocks or (module is head and not tied):
             layers[name] = module
     return layers
 

@@ -161,14 +161,17 @@ class Pruning(Flag):
         model, cfg = run.model, self.config
         vocab = model.lm_head.out_features
         shares = [(c.double() / max(1, int(c.sum()))).tolist() for c in self.usage]
-        before = {"parameters": sum(p.numel() for p in model.parameters()), "bytes": stored_bytes(model),
-                  "forward_flops": measure_forward_flops(model, cfg.batch_size, cfg.n_seq, vocab,
-                                                         device=run.device, seed=cfg.seed)["forward"]}
+
+        def size() -> dict[str, int]:
+            flops = measure_forward_flops(model, cfg.batch_size, cfg.n_seq, vocab,
+                                          device=run.device, seed=cfg.seed)["forward"]
+            return {"parameters": sum(p.numel() for p in model.parameters()),
+                    "bytes": stored_bytes(model), "forward_flops": flops}
+
+        before = size()
         self.kept = self.choose_experts()
         self._apply_kept(model, run.optimizer)
-        after = {"parameters": sum(p.numel() for p in model.parameters()), "bytes": stored_bytes(model),
-                 "forward_flops": measure_forward_flops(model, cfg.batch_size, cfg.n_seq, vocab,
-                                                        device=run.device, seed=cfg.seed)["forward"]}
+        after = size()
         removed = sum(len(u) - len(k) for u, k in zip(self.usage, self.kept))
         self.expert_record = {"step": run.progress.step + 1, "usage_share_per_layer": shares,
                               "kept_per_layer": self.kept, "experts_removed": removed,
