@@ -235,8 +235,9 @@ def test_calibration_keeps_the_lowest_threshold_before_the_first_failure():
     seen = []
 
     def evaluate(m, stream):
-        seen.append((m.depth_policies[-1].threshold, stream))
-        return SimpleNamespace(perplexity=ppl[m.depth_policies[-1].threshold])
+        threshold = m.depth_policies[-1].threshold if m.depth_policies else math.inf
+        seen.append((threshold, stream))
+        return SimpleNamespace(perplexity=ppl[threshold])
     run = SimpleNamespace(model=model, data=SimpleNamespace(valid=valid, test=test),
                           evaluate=evaluate)
     result = flag.calibrate(run)

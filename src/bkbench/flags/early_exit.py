@@ -178,7 +178,7 @@ class EarlyExit(Flag):
         n = self.settings.calibration_windows
         windows = held_out_windows(run.data.valid, self.config.n_seq, n)
         stream = windows.reshape(-1)
-        full = run.evaluate(with_exits(run.model, math.inf)[0], stream).perplexity
+        full = run.evaluate(run.model, stream).perplexity      # the trained model itself
         table = [{"threshold": "no exit", "perplexity": full,
                   "mean_exit_layer": float(len(run.model.blocks))}]
         chosen = math.inf
@@ -199,20 +199,21 @@ class EarlyExit(Flag):
 
     def with_and_without(self, run: RunContext) -> dict[str, Any]:
         """Perplexity, layers used, evaluation seconds and counted FLOPs on the same held-out
-        test windows with the calibrated exits and without (the same weights)."""
+        test windows with the calibrated exits and without (the trained model itself)."""
         stream = held_out_windows(run.data.test, self.config.n_seq,
                                   self.settings.record_windows).reshape(-1)
         threshold = float(run.model.early_exit_threshold)
         results, flops = {}, {}
         counted, policy = with_exits(run.model, threshold)
-        for label, model in (("with", counted), ("without", with_exits(run.model, math.inf)[0])):
+        # without: the trained model itself (the plain path, not the depth machinery)
+        for label, model in (("with", counted), ("without", run.model)):
             counter = new_counter()
             with counter:   # one whole evaluation: the fused LM head and loss included
                 results[label] = run.evaluate(model, stream)
             flops[label] = counter.get_total_flops() / stream.numel()
         seconds = interleaved_medians(
             clocked(lambda: run.evaluate(with_exits(run.model, threshold)[0], stream), run.device),
-            clocked(lambda: run.evaluate(with_exits(run.model, math.inf)[0], stream), run.device),
+            clocked(lambda: run.evaluate(run.model, stream), run.device),
             TIMING_REPEATS)
         return {"threshold": _threshold_name(threshold), "tokens": stream.numel(),
                 "perplexity": {"with": results["with"].perplexity,
