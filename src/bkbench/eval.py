@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.lm_loss import Head
+from .ops.lm_loss.head import Head
 
 
 @dataclass(frozen=True)

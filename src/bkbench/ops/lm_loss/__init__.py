@@ -6,6 +6,9 @@ Public API::
     loss = lm_head_nll(h, head.weight, head.bias, targets)                   # summed NLL
     nll = lm_head_nll(h, head.weight, head.bias, targets, reduction="none")  # per token, no grad
 
+A model hands these ops its head through the protocol of :mod:`.head` (``Head``: weight,
+bias, input transform, or an int8 weight with its scales for ``lm_head_nll_int8``).
+
 ``h`` is (..., d), ``targets`` the matching (...) integer ids, ``weight`` (V, d). The result is
 the NLL of ``F.cross_entropy(F.linear(h, weight, bias).float(), targets)`` (see
 :mod:`.naive`, the reference), computed ``chunk_rows`` rows at a time so that the full (rows x V)
@@ -39,7 +42,7 @@ from torch.utils.flop_counter import register_flop_formula
 from . import naive
 
 __all__ = ["lm_head_nll", "lm_head_nll_int8", "quantize_rows", "int8_logits", "default_chunk_rows",
-           "CHUNK_ELEMENTS", "naive", "Head", "head_of"]
+           "CHUNK_ELEMENTS", "naive"]
 
 #: logits per chunk (2**23 float32 values: 32 MiB, 608 rows at V = 13,777, against 225 MiB for
 #: the full logits). ``benchmarks/train_step.py`` ("LM head + loss") times the chunk sizes; on
@@ -334,7 +337,3 @@ def lm_head_nll(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not needs_grad:
         return _nll_rows(h, weight, bias, t, chunk, dtype).sum()
     return _NLLSum.apply(h, weight, bias, t, chunk, dtype)
-
-
-# the head protocol uses lm_head_nll, so it is imported once that is defined
-from .head import Head, head_of  # noqa: E402

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
-# defined before the package imports this module
 from . import int8_logits, lm_head_nll, lm_head_nll_int8, quantize_rows
 
 
