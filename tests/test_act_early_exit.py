@@ -1,17 +1,19 @@
 """use_act and use_early_exit (issue 11): each test fails if its flag were a no-op or masked
 work instead of skipping it."""
 
+import math
 import os
 import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bkbench.audit import audit_causality
 from bkbench.config import BenchmarkConfig
 from bkbench.flags import build_model
 from bkbench.metrics.flops import measure_forward_flops
-from bkbench.models.layers.early_exit import head_logits, with_exits
+from bkbench.models.layers.early_exit import with_exits
 from bkbench.train import Trainer, TrainingInterrupted, seed_everything
 
 from conftest import make_corpus
@@ -25,7 +27,7 @@ def config(**changes):
     base = dict(model_name="resnet_bk_t", d_model=16, n_layers=L, n_heads=2, n_seq=N,
                 batch_size=8, epochs=0, max_steps=6, lr=3e-3, warmup_steps=1,
                 eval_batch_size=16, seed=3, dropout=0.1, num_experts=4, act_record_windows=2,
-                early_exit_sweep="0.0,0.05", early_exit_record_windows=2)
+                early_exit_calibration_windows=2, early_exit_record_windows=2)
     return BenchmarkConfig.from_dict({**base, **changes}).validate()
 
 
@@ -57,19 +59,6 @@ def moe_rows(model, run):
         for h in hooks:
             h.remove()
     return [sum(seen.get(i, [])) for i in range(len(model.blocks))]
-
-
-def median_confidence_threshold(model, inputs):
-    """A threshold that about half of the tokens pass at layer 1 (mixed exits)."""
-    states = {}
-    h = model.blocks[0].register_forward_hook(lambda m, a, out: states.setdefault("x", out))
-    model.eval()
-    with torch.no_grad():
-        model(inputs)
-        logits = head_logits(model, states["x"]).float()
-    h.remove()
-    conf = logits.softmax(-1).max(-1).values.reshape(-1)
-    return float(conf.median())
 
 
 # --- use_act -------------------------------------------------------------------------------
@@ -118,11 +107,39 @@ def test_act_with_mixed_halting_gathers_the_running_rows_only():
 
 # --- use_early_exit --------------------------------------------------------------------------
 
-def test_early_exit_threshold_0_exits_at_layer_1_and_above_1_never():
+def layer_states(model, inputs):
+    """The states x_0 (embeddings) .. x_L of a plain forward of ``inputs``."""
+    states = []
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a: states.append(a[0]))]
+    hooks += [b.register_forward_hook(lambda m, a, out: states.append(out)) for b in model.blocks]
+    try:
+        model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
+def cosine(a, b):
+    a, b = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def median_saturation_threshold(model, inputs):
+    """A threshold that about half of the tokens reach after layer 1 (mixed exits)."""
+    model.eval()
+    with torch.no_grad():
+        x = layer_states(model, inputs)
+    c = cosine(x[1], x[0]).sort().values
+    k = c.numel() // 2
+    return float((c[k - 1] + c[k]) / 2)   # between two tokens: no token sits on it
+
+
+def test_early_exit_threshold_minus_1_exits_at_layer_1_and_above_1_never():
     model, flags = built(config(use_early_exit=True))
     inputs, _ = tokens()
-    full, never = with_exits(model, 1.5)
-    first, always = with_exits(model, 0.0)
+    full, never = with_exits(model, math.inf)
+    first, always = with_exits(model, -1.0)
     for m in (full, first):
         m.eval()
     with torch.no_grad():
@@ -132,31 +149,105 @@ def test_early_exit_threshold_0_exits_at_layer_1_and_above_1_never():
         out_always = first(inputs)
         model.eval()
         out_plain = model(inputs)
+        x = layer_states(model, inputs)
     assert rows_never == [B * N] * L and rows_always == [B * N, 0, 0]
     assert never.histogram.tolist()[-1] == 2 * B * N and never.histogram[:-1].sum() == 0
     assert always.histogram[0] == 2 * B * N and always.histogram[1:].sum() == 0
     assert torch.equal(out_never, out_plain)       # no exit: the full model, bit for bit
-    assert not torch.equal(out_always, out_plain)  # exits change the predictions
     # the exit at layer 1 predicts from layer 1's state through the final norm and head
-    states = {}
-    h = model.blocks[0].register_forward_hook(lambda m, a, out: states.setdefault("x", out))
+    assert torch.allclose(out_always, model.lm_head(model.ln_f(x[1])), atol=1e-6)
+    assert not torch.allclose(out_always, out_plain, atol=1e-3)
+    # prepare_for_eval switches exits on at the model's threshold; the training model never exits
+    evaluated = flags.prepare_for_eval(model)
+    assert evaluated is not model and model.depth_policies == []
+    assert evaluated.depth_policies[-1].threshold == math.inf   # uncalibrated: no exit
+
+
+def test_a_token_exits_where_its_state_saturates():
+    """Mixed exits: exactly the tokens whose cos(x_1, x_0) reaches the threshold exit after
+    layer 1, and only the running rows enter layer 2's feed-forward."""
+    model, _ = built(config(use_early_exit=True))
+    inputs, _ = tokens()
+    threshold = median_saturation_threshold(model, inputs)
+    evaluated, policy = with_exits(model, threshold)
+    evaluated.eval()
     with torch.no_grad():
-        model(inputs)
-        assert torch.allclose(out_always, head_logits(model, states["x"]), atol=1e-6)
-    h.remove()
-    # prepare_for_eval is the hook that switches exits on; the training model never exits
-    assert flags.prepare_for_eval(model) is not model and model.depth_policies == []
+        x = layer_states(model, inputs)
+        rows = moe_rows(model, lambda: evaluated(inputs))
+        out = evaluated(inputs)
+    exits_1 = cosine(x[1], x[0]) >= threshold
+    assert 0 < int(exits_1.sum()) < B * N
+    assert policy.histogram[0] == 2 * int(exits_1.sum())      # two forwards
+    running = B * N - int(exits_1.sum())
+    assert rows[1] == running + (-running % 16)      # gathered rows, padded to 16
+    # an exited token's prediction is that of its layer-1 state
+    flat = out.reshape(B * N, -1)
+    exit_1 = model.lm_head(model.ln_f(x[1])).reshape(B * N, -1)
+    assert torch.allclose(flat[exits_1], exit_1[exits_1], atol=1e-5)
 
 
-def test_early_exit_adds_the_exits_term_with_a_gradient():
-    t = trainer(config(use_early_exit=True, moe_balance_weight=0.0))
+def test_the_exits_term_is_the_depth_weighted_loss_of_each_earlier_exit(monkeypatch):
+    """The oracle: exits n = 1..L-1 (not the last layer), each on its own disjoint sampled
+    rows, cross-entropy through the final norm and the LM head, weighted n / (1 + ... + L-1)."""
+    import bkbench.flags.early_exit as flag_module
+    weight, share = 0.7, 0.25
+    t = trainer(config(use_early_exit=True, moe_balance_weight=0.0, early_exit_weight=weight,
+                       early_exit_positions=share, dropout=0.0))
+    sampled = []
+
+    def spy(*args):
+        rows = real(*args)
+        sampled.append(rows)
+        return rows
+    real = flag_module.sampled_exit_rows
+    monkeypatch.setattr(flag_module, "sampled_exit_rows", spy)
+    inputs, targets = tokens()
     t.model.train()
-    loss, terms = t.compute_loss(*tokens())
-    assert "exits" in terms and terms["exits"].item() > 0
+    loss, terms = t.compute_loss(inputs, targets)
+    rows, = sampled
+    assert len(rows) == L - 1
+    assert all(r.numel() == round(share * B * N / (L - 1)) for r in rows)
+    assert torch.cat(rows).unique().numel() == sum(r.numel() for r in rows)   # disjoint
+    x = layer_states(t.model, inputs)
+    expected = 0.0
+    for n, r in enumerate(rows, start=1):
+        logits = t.model.lm_head(t.model.ln_f(x[n].reshape(B * N, -1)[r]))
+        expected += n / (L * (L - 1) / 2) * F.cross_entropy(logits, targets.reshape(-1)[r])
+    assert torch.allclose(terms["exits"], weight * expected, rtol=1e-5, atol=1e-6)
     # the exit of layer 1 trains layer 1 (and the shared head)
     w = dict(t.model.named_parameters())["blocks.0.moe.experts.0.fc.weight"]
     grad, = torch.autograd.grad(terms["exits"], [w])
     assert grad.abs().sum() > 0
+
+
+def test_calibration_keeps_the_lowest_threshold_before_the_first_failure():
+    """CALM's fixed sequence on the validation windows: highest threshold first, stop at the
+    first whose perplexity exceeds full depth's by more than the tolerance."""
+    from types import SimpleNamespace
+    from bkbench.flags.early_exit import EarlyExit
+    cfg = config(use_early_exit=True, early_exit_candidates="0.9,0.99,0.5,0.7",
+                 early_exit_tolerance=0.1, early_exit_calibration_windows=3)
+    model, flags = built(cfg)
+    flag = flags.flags["use_early_exit"]
+    assert isinstance(flag, EarlyExit)
+    ppl = {math.inf: 10.0, 0.99: 10.5, 0.9: 10.9, 0.7: 11.5, 0.5: 10.2}   # 0.5 comes after a failure
+    valid, test = torch.arange(200) % V, torch.arange(200) % 7
+    seen = []
+
+    def evaluate(m, stream):
+        threshold = m.depth_policies[-1].threshold if m.depth_policies else math.inf
+        seen.append((threshold, stream))
+        return SimpleNamespace(perplexity=ppl[threshold])
+    run = SimpleNamespace(model=model, data=SimpleNamespace(valid=valid, test=test),
+                          evaluate=evaluate)
+    result = flag.calibrate(run)
+    assert [s[0] for s in seen] == [math.inf, 0.99, 0.9, 0.7]
+    assert all(torch.equal(s[1], valid[:3 * N]) for s in seen)    # validation, never test
+    assert result["chosen"] == 0.9 and float(model.early_exit_threshold) == 0.9
+    assert flags.prepare_for_eval(model).depth_policies[-1].threshold == 0.9
+    ppl[0.7] = 10.4                                               # now every candidate passes
+    seen.clear()
+    assert flag.calibrate(run)["chosen"] == 0.5
 
 
 # --- causality, resume, record ---------------------------------------------------------------
@@ -169,7 +260,7 @@ def test_audit_is_causal_with_the_flags_in_train_and_eval_mode(flags):
     assert audit.causal, audit.max_leak
     evaluated = fl.prepare_for_eval(model)
     if "use_early_exit" in flags:   # a threshold that makes some tokens exit and others not
-        threshold = median_confidence_threshold(model, tokens()[0])
+        threshold = median_saturation_threshold(model, tokens()[0])
         evaluated, policy = with_exits(model, threshold)
     audit = audit_causality(evaluated, V, seq_len=N, num_sequences=4)
     assert audit.causal, audit.max_leak
@@ -207,7 +298,8 @@ def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
 
 
 def test_smoke_run_records_what_the_flags_measured(tmp_path):
-    t = trainer(config(use_act=True, use_early_exit=True), run_dir=tmp_path)
+    t = trainer(config(use_act=True, use_early_exit=True, early_exit_candidates="0.9,-1",
+                       early_exit_tolerance=1e9), run_dir=tmp_path)
     outcome = t.fit()
     rec = t.flags.record(t.context, outcome)
     act = rec["use_act"]["measured"]
@@ -219,14 +311,17 @@ def test_smoke_run_records_what_the_flags_measured(tmp_path):
     ee = rec["use_early_exit"]["measured"]
     assert ee["test_perplexity_early_exit"] == outcome.test.perplexity
     assert ee["test_exits"]["tokens"] == outcome.test.num_tokens
-    sweep = {s["threshold"]: s for s in ee["sweep"]}
-    assert set(sweep) == {0.0, 0.05, "no exit"}
-    assert sweep[0.0]["mean_exit_layer"] == 1.0 and sweep["no exit"]["mean_exit_layer"] == L
-    assert all(s["forward_seconds"] > 0 and s["forward_seconds_no_exit"] > 0 and s["perplexity"] > 1
-               for s in ee["sweep"])
-    # exiting everything after layer 1 skips the later layers' feed-forward: fewer counted FLOPs
-    assert sweep[0.0]["forward_flops_per_token"] < sweep["no exit"]["forward_flops_per_token"]
-    assert rec["use_early_exit"]["settings"]["threshold"] == 0.9
+    # every exit passes the tolerance: the calibration keeps the lowest candidate, -1, so every
+    # token exits after layer 1, on validation and on test
+    assert ee["threshold"] == -1.0 and ee["calibrations"][-1]["chosen"] == -1.0
+    assert ee["test_exits"]["mean_exit_layer"] == 1.0
+    held = ee["held_out_with_and_without"]
+    assert held["tokens"] == 2 * N
+    assert held["mean_layers_used"] == {"with": 1.0, "without": float(L)}
+    # the same text evaluated both ways: exits change the perplexity and skip later layers' MoE
+    assert held["perplexity"]["with"] != held["perplexity"]["without"]
+    flops = held["eval_flops_per_token"]
+    assert 0 < flops["with"] < flops["without"]
     lines = (tmp_path / "train_log.jsonl").read_text()
     assert "term_ponder" in lines and "term_exits" in lines
 
@@ -250,19 +345,4 @@ def test_with_every_part_1_flag_too_audit_is_causal_and_a_run_records(tmp_path):
     rec = t.flags.record(t.context, outcome)
     assert set(rec) == set(PART1 + ["use_act", "use_early_exit"])
     assert rec["use_act"]["measured"]["held_out"]["mean_layers_used"] >= 1
-    assert rec["use_early_exit"]["measured"]["sweep"]
-
-
-def test_exit_confidence_in_chunks_equals_the_whole_batch(monkeypatch):
-    import bkbench.models.layers.early_exit as ee
-    model, _ = built(config(use_early_exit=True))
-    model.eval()
-    inputs, _ = tokens()
-    threshold = median_confidence_threshold(model, inputs)
-    with torch.no_grad():
-        whole, _ = with_exits(model, threshold)
-        expected = whole(inputs)
-        monkeypatch.setattr(ee, "CONFIDENCE_CHUNK", 16)   # 4 chunks of the 64 rows
-        chunked, policy = with_exits(model, threshold)
-        assert torch.equal(chunked(inputs), expected)
-    assert 0 < policy.histogram[0] < B * N
+    assert rec["use_early_exit"]["measured"]["calibrations"]

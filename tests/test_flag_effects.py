@@ -15,6 +15,7 @@ from bkbench.compression.quantization import (IntLinear, QATLinear, integer_mode
 from bkbench.config import BenchmarkConfig
 from bkbench.flags import REGISTRY, build_model
 from bkbench.flags import registry as flag_registry
+from bkbench.ops.lm_loss.head import current_weight
 from bkbench.train import Trainer, TrainingInterrupted, seed_everything
 
 from conftest import make_corpus
@@ -114,6 +115,23 @@ def test_quantized_weights_lie_on_the_grid_and_evaluation_uses_integers(bits):
     assert audit_causality(evaluated, V, seq_len=16, modes=("eval",)).causal
 
 
+def test_quantization_records_integer_against_float_evaluation_on_the_same_text():
+    from bkbench.compression.quantization import float_model
+    t = trainer(config(use_quantization=True, quantization_bits=4, quantization_record_windows=2))
+    outcome = t.fit()
+    rec = t.flags.record(t.context, outcome)["use_quantization"]["measured"]
+    held = rec["integer_against_float32"]
+    stream = t.data.test[:2 * 16]
+    assert held["tokens"] == stream.numel()
+    plain = float_model(t.model)
+    assert not any(isinstance(m, QATLinear) for m in plain.modules())
+    assert held["perplexity"]["float32"] == t.evaluate(plain, stream).perplexity
+    assert held["perplexity"]["integer"] == t.evaluate(integer_model(t.model), stream).perplexity
+    assert held["perplexity"]["integer"] != held["perplexity"]["float32"]   # 4 bits change it
+    assert held["eval_seconds"]["integer"] > 0 and held["eval_seconds"]["float32"] > 0
+    assert "storage only" in rec["int4"]
+
+
 def test_int4_packing_roundtrip():
     q = torch.randint(-7, 8, (5, 9), dtype=torch.int8)
     packed = pack_int4(q)
@@ -147,8 +165,11 @@ def test_pruning_reaches_the_target_sparsity_and_removes_experts(tmp_path):
     for name, module in t.flags["use_pruning"].layers.items():
         zeros = (module.weight_mask == 0).sum().item()
         assert zeros == round(0.6 * module.weight_mask.numel()), name
-        assert torch.equal(module.weight == 0, module.weight_mask == 0) or \
-            (module.weight[module.weight_mask == 0] == 0).all()
+        # the weight its next forward (or the fused LM loss) multiplies by; an LM head that
+        # only runs fused never runs the pre-hook that refreshes its ``weight`` attribute
+        weight = current_weight(module)
+        assert torch.equal(weight == 0, module.weight_mask == 0) or \
+            (weight[module.weight_mask == 0] == 0).all()
     assert rec["sparsity_pruned_layers"] == pytest.approx(0.6, abs=1e-3)
     experts_after = [len(b.moe.experts) for b in t.model.blocks]
     assert sum(experts_after) < sum(experts_before)

@@ -394,3 +394,46 @@ def test_resnet_bk_matches_analytic(analytic_gradient):
     assert rng["forward_min"] <= r.forward <= rng["forward_max"]
     no_pad = analytic_resnet_bk_flops(B, T, 32, 2, V, num_experts=4, top_k=1)
     assert no_pad["forward"] == rng["forward_min"]
+
+
+# --- evaluation FLOPs of the model as it is evaluated (prepare_for_eval) -------------------------
+
+def _flagged(**flags):
+    from bkbench.config import BenchmarkConfig
+    from bkbench.flags import build_model as build_flagged
+    cfg = BenchmarkConfig.from_dict(dict(model_name="resnet_bk_t", d_model=32, n_layers=3,
+                                         n_heads=2, n_seq=T, num_experts=4, seed=0,
+                                         **flags)).validate()
+    torch.manual_seed(0)
+    return build_flagged(cfg, V)
+
+
+def _text_windows():
+    # a repetitive "text" rather than uniform noise: the states saturate unevenly
+    return (torch.arange(B * (T + 1)) % 17).view(B, T + 1)
+
+
+def test_eval_flops_count_the_integer_models_int8_products():
+    from bkbench.compression.quantization import IntLinear
+    model, flags = _flagged(use_quantization=True)
+    evaluated = flags.prepare_for_eval(model)
+    assert any(isinstance(m, IntLinear) for m in evaluated.modules())
+    integer = measure_forward_flops(evaluated, B, T, V)
+    fake_quant = measure_forward_flops(model, B, T, V)
+    # the same products, int8 x int8 instead of float: counted alike (uncounted, they vanished)
+    assert integer["forward"] == fake_quant["forward"] > 0
+    assert integer["by_component"]["feed_forward"] == fake_quant["by_component"]["feed_forward"] > 0
+
+
+def test_eval_flops_count_the_early_exits_and_one_head_per_token():
+    model, flags = _flagged(use_early_exit=True)
+    windows = _text_windows()
+    plain = measure_forward_flops(flags.prepare_for_eval(model), B, T, V, windows=windows)
+    model.early_exit_threshold.fill_(-1.0)          # every token exits after layer 1
+    exiting = measure_forward_flops(flags.prepare_for_eval(model), B, T, V, windows=windows)
+    assert exiting["by_component"]["feed_forward"] < plain["by_component"]["feed_forward"] / 2
+    # deciding costs no LM head: the head runs once per token, exits or not
+    assert exiting["by_component"]["lm_head"] == plain["by_component"]["lm_head"] \
+        == _head_forward_flops(B * T, V)
+    with pytest.raises(ValueError, match="do not fit batch"):
+        measure_forward_flops(model, B, T, V, windows=windows[:, :-1])

@@ -182,3 +182,31 @@ def test_no_rows_give_zero_loss_and_zero_gradients():
     loss = lm_head_nll(h, w, None, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_integer_head_matches_an_int64_oracle(seed):
+    from bkbench.ops.lm_loss import lm_head_nll_int8
+    g = torch.Generator().manual_seed(seed)
+    rows, d, V = (int(x) for x in torch.randint(1, 60, (3,), generator=g))
+    h = torch.randn(rows, d, generator=g)
+    w = torch.randint(-127, 128, (V, d), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(V, generator=g) / 100
+    bias = torch.randn(V, generator=g) if seed % 2 else None
+    t = torch.randint(0, V, (rows,), generator=g)
+    chunk = int(torch.randint(1, 9, (1,), generator=g))
+    ours = lm_head_nll_int8(h, w, w_scale, bias, t, reduction="none", chunk_rows=chunk)
+    # oracle: per-row symmetric int8 rounding, exact integer products in int64, float64 after
+    s = h.abs().amax(-1, keepdim=True) / 127
+    q = torch.clamp(torch.round(h / s), -127, 127).long()
+    logits = (q @ w.long().t()).double() * s.double() * w_scale.double()
+    if bias is not None:
+        logits = logits + bias.double()
+    ref = F.cross_entropy(logits, t, reduction="none")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.isclose(lm_head_nll_int8(h, w, w_scale, bias, t), ours.sum())
+    with FlopCounterMode(display=False) as counter:
+        lm_head_nll_int8(h, w, w_scale, bias, t)
+    assert counter.get_total_flops() == 2 * rows * d * V
+    with pytest.raises(ValueError, match="int8"):
+        lm_head_nll_int8(h, w.float(), w_scale, bias, t)

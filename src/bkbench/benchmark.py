@@ -62,6 +62,15 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def eval_flop_windows(split: torch.Tensor, config: BenchmarkConfig) -> torch.Tensor:
+    """(eval_batch_size, n_seq + 1) consecutive windows of held-out text from the split's
+    start, on which evaluation FLOPs are counted (repeated if the split is shorter)."""
+    need = config.eval_batch_size * config.n_seq + 1
+    stream = split.repeat(-(-need // split.numel()))[:need]
+    starts = torch.arange(config.eval_batch_size) * config.n_seq
+    return stream[starts[:, None] + torch.arange(config.n_seq + 1)]
+
+
 def _with_selection_flops(fields: dict, flag_records: dict) -> dict:
     """Add the data-selection flags' scoring passes (``selection_flops`` in their records) as
     ``flops.selection`` and into ``total_flops``: forwards the run paid for to choose its
@@ -204,9 +213,14 @@ class WikiText2Benchmark:
                 run.model, config.batch_size, config.n_seq, len(data.vocab), device=device,
                 optimizer=run.trainer.optimizer, compute_loss=run.trainer.compute_loss,
                 seed=config.seed)
-            eval_flops = measure_forward_flops(run.model, config.eval_batch_size, config.n_seq,
-                                               len(data.vocab), device=device, seed=config.seed)
         flag_records = self._record_flags(config, run, phases, resume)
+        # the model as evaluation runs it (early exits, integer layers), on validation text
+        # (exits and routing depend on the tokens); after the records, which read the test
+        # evaluation's exits
+        with phases("evaluation FLOPs count"):
+            eval_flops = measure_forward_flops(
+                run.flags.prepare_for_eval(run.model), config.eval_batch_size, config.n_seq,
+                len(data.vocab), device=device, windows=eval_flop_windows(data.valid, config))
         phases.seconds["run"] = time.monotonic() - started
         results = self._results(config, data, device, run, step_flops, eval_flops, flag_records)
         results.environment["thread_policy"] = policy.to_dict()

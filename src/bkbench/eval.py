@@ -23,10 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import prune
 
-from .models.common import LanguageModel
-from .ops.lm_loss import lm_head_nll
+from .ops.lm_loss.head import Head
 
 
 @dataclass(frozen=True)
@@ -65,17 +63,11 @@ def _windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int
     return windows
 
 
-def fused_head(model: nn.Module) -> nn.Linear | None:
-    """``model.lm_head`` if the model's logits are ``lm_head(features(idx))`` (it keeps
-    :class:`LanguageModel`'s forward), so that a loss may fuse the head; else None."""
-    head = getattr(model, "lm_head", None)
-    # a pruned head's weight is recomputed (mask x weight_orig) by prune's forward pre-hook, so
-    # it must run its forward; other hooks (the FLOP counter's module tracker) change nothing
-    if (isinstance(model, LanguageModel) and isinstance(head, nn.Linear)
-            and not prune.is_pruned(head)
-            and getattr(model.forward, "__func__", None) is LanguageModel.forward):
-        return head
-    return None
+def fused_head(model: nn.Module) -> Head | None:
+    """The model's LM head as the fused loss takes it (``effective_head()``, the head protocol
+    of :mod:`bkbench.ops.lm_loss.head`), or None for a model that only returns logits."""
+    effective_head = getattr(model, "effective_head", None)
+    return effective_head() if callable(effective_head) else None
 
 
 def target_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -90,7 +82,7 @@ def target_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     head = fused_head(model)
     if head is not None:
         features = call(inputs, return_features=True)
-        return lm_head_nll(features, head.weight, head.bias, targets, reduction=reduction)
+        return head.nll(features, targets, reduction=reduction)
     logits = call(inputs)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           reduction=reduction)

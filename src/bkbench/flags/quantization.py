@@ -18,8 +18,13 @@ What it does
     Evaluation (``prepare_for_eval``): a copy of the model whose QATLinears are
     :class:`IntLinear` layers holding only integer weights (int8; INT4 packed two per byte)
     and float32 per-channel scales. Each call quantizes its input per token to int8 and
-    multiplies with ``torch._int_mm`` (int8 x int8 -> int32, exact), then rescales. Every
-    validation and the test perplexity of the run are this integer model's.
+    multiplies with ``torch._int_mm`` (int8 x int8 -> int32, exact), then rescales; the int8
+    weight is stored (out, in), whose transpose view is the column-major operand the kernel
+    takes without a copy. INT4 saves storage only: its packed weights are unpacked to int8 at
+    each call. The LM head stays fused with the loss (the head protocol,
+    ``ops/lm_loss/head.py``): ``lm_head_nll_int8`` runs the same int8 x int8 -> int32
+    products chunk by chunk, the logits never all in memory. Every validation and the test
+    perplexity of the run are this integer model's.
 
     Why not ``torch.ao.quantization.quantize_dynamic``: its dynamically quantized Linear
     takes one activation scale for the whole input batch, so a later token changes the
@@ -35,16 +40,18 @@ Paper
     per-token activation scales as in LLM.int8 / SmoothQuant-style W8A8 inference.
 
 Settings (``quantization_<field>``)
-    ``bits``: 8 or 4 (weights; activations are always INT8).
+    ``bits``: 8 or 4 (weights; activations are always INT8); ``record_windows`` (test windows
+    of the integer-against-float timing).
 
 Cost
     Fake quantization adds elementwise work to every Linear call in training (uncounted by
-    the FLOP counter, estimated in its census). The integer model's products are int8 GEMMs,
-    which FlopCounterMode does not count.
+    the FLOP counter, estimated in its census). The integer model's int8 GEMMs are counted as
+    float GEMMs of the same shape would be (a formula for ``aten._int_mm``).
 
 What it records
     Test perplexity of the integer model (the run's test result) and of the fake-quantized
-    model; the bytes of the integer model's weights as stored (int8/int4 weights + float32
+    model; evaluation seconds and perplexity of the integer model against the same weights
+    in float32 unquantized, on the same held-out test windows (``metrics/with_without``); the bytes of the integer model's weights as stored (int8/int4 weights + float32
     scales, plus every other parameter in float32) against the float32 model; how many layers
     were quantized; the causality audit of the integer model.
 
@@ -61,17 +68,25 @@ from typing import Any
 import torch.nn as nn
 
 from ..audit import audit_causality
-from ..compression.quantization import integer_model, quantize_linears, stored_bytes
+from ..compression.quantization import float_model, integer_model, quantize_linears, stored_bytes
 from ..hooks import Flag, RunContext
+from ..metrics.with_without import clocked, interleaved_medians
+from ..objectives.layer_states import held_out_windows
+
+TIMING_REPEATS = 3   # interleaved evaluations, integer model and float model
 
 
 @dataclass
 class QuantizationSettings:
     bits: int = field(default=8, metadata={"help": "weight bits: 8 (INT8) or 4 (INT4)"})
+    record_windows: int = field(default=8, metadata={
+        "help": "test windows evaluated by the integer and the float model for the record"})
 
     def validate(self, config) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"quantization_bits must be 8 or 4, got {self.bits}")
+        if self.record_windows < 1:
+            raise ValueError(f"quantization_record_windows must be >= 1, got {self.record_windows}")
 
 
 class Quantization(Flag):
@@ -82,19 +97,48 @@ class Quantization(Flag):
     def prepare_for_eval(self, model: nn.Module) -> nn.Module:
         return integer_model(model)
 
+    def integer_against_float(self, run: RunContext, int_model: nn.Module) -> dict[str, Any]:
+        """Evaluation seconds and perplexity of the integer model and of the same weights in
+        float32 unquantized, on the same held-out test windows, interleaved."""
+        stream = held_out_windows(run.data.test, self.config.n_seq,
+                                  self.settings.record_windows).reshape(-1)
+        plain = float_model(run.model)
+        results = {}
+
+        def evaluation(label: str, model: nn.Module):
+            return lambda: results.__setitem__(label, run.evaluate(model, stream))
+        seconds = interleaved_medians(clocked(evaluation("integer", int_model), run.device),
+                                      clocked(evaluation("float", plain), run.device),
+                                      TIMING_REPEATS)
+        return {"tokens": stream.numel(),
+                "eval_seconds": {"integer": seconds["with"], "float32": seconds["without"],
+                                 "ratio": seconds["ratio"]},
+                "perplexity": {"integer": results["integer"].perplexity,
+                               "float32": results["float"].perplexity},
+                "how": f"evaluate() of the first {self.settings.record_windows} test windows by "
+                       "the integer model and by the float32 model of the same weights; "
+                       + seconds["how"]}
+
     def record(self, run: RunContext, outcome) -> dict[str, Any]:
         fake = run.evaluate(run.model, run.data.test)
         int_model = integer_model(run.model)
         float_bytes = sum(p.numel() * 4 for p in {id(p): p for p in run.model.parameters()}.values())
         audit = audit_causality(int_model, len(run.data.vocab), seq_len=self.config.n_seq,
                                 modes=("eval",), device=run.device)
+        int4 = ("INT4 is storage only: the packed weights are unpacked to int8 at each call "
+                "and multiplied as int8" if self.settings.bits == 4 else None)
         return {"weights": f"INT{self.settings.bits} symmetric per output channel",
                 "activations": "INT8 symmetric per token (dynamic, causal)",
-                "integer_kernel": "torch._int_mm (int8 x int8 -> int32)",
+                "integer_kernel": "torch._int_mm (int8 x int8 -> int32), weights stored (out, "
+                                  "in) and passed as their column-major transpose view",
+                "int4": int4,
+                "lm_head": "fused with the loss, chunked: int8 x int8 -> int32 products "
+                           "(ops/lm_loss lm_head_nll_int8)",
                 "quantized_layers": self.layers,
                 "test_perplexity_integer": outcome.test.perplexity,
                 "test_perplexity_fake_quant": fake.perplexity,
                 "test_tokens": outcome.test.num_tokens,
+                "integer_against_float32": self.integer_against_float(run, int_model),
                 "size_bytes_integer": stored_bytes(int_model),
                 "size_bytes_float32": float_bytes,
                 "size_ratio": stored_bytes(int_model) / float_bytes,

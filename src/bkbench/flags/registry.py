@@ -91,11 +91,11 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "counted forward FLOPs and time with ACT and with every layer",
              act.ACTSettings),
     FlagSpec("use_early_exit", ("resnet_bk",), early_exit, early_exit.EarlyExit,
-             "per-layer exits through the final norm and the shared LM head, trained with a "
-             "weighted loss; at evaluation a token exits at the first layer whose max softmax "
-             "probability reaches a threshold, its state copied forward",
-             "test perplexity with exits and the mean exit layer; a threshold sweep of "
-             "perplexity, mean exit layer and eval seconds",
+             "per-layer exits through the final norm and the shared LM head, trained on sampled "
+             "positions; at evaluation a token exits once its hidden state saturates (cosine of "
+             "consecutive layers' states), at a threshold calibrated on the validation split",
+             "calibrated threshold and calibration table; test perplexity with exits and the "
+             "exit layers; ppl, layers used, eval seconds and FLOPs with and without exits",
              early_exit.EarlyExitSettings),
     FlagSpec("use_multi_scale", ("resnet_bk",), multi_scale, multi_scale.MultiScale,
              "causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, "

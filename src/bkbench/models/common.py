@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.lm_loss.head import Head, head_of
+
 
 class LanguageModel(nn.Module):
     """Base class: ``forward(idx)`` maps (B, T) token ids to (B, T, V) logits.
@@ -40,6 +42,15 @@ class LanguageModel(nn.Module):
         a DistributedDataParallel wrapper, which only hooks ``forward``."""
         h = self.features(idx)
         return h if return_features else self.lm_head(h)
+
+    def effective_head(self) -> Head | None:
+        """The LM head the fused loss applies to ``forward(idx, return_features=True)``
+        (weight, bias, input transform: ``bkbench.ops.lm_loss.head``), or None when the logits
+        are not a linear map of those features (a subclass with its own forward, or a head
+        module that is not linear), so that the loss must run the model to its logits."""
+        if getattr(self.forward, "__func__", None) is not LanguageModel.forward:
+            return None
+        return head_of(self.lm_head)
 
     def auxiliary_loss(self, sum_over_ranks=None, world: int = 1) -> torch.Tensor | None:
         """Extra training loss produced by the last forward pass (None if the model has none).

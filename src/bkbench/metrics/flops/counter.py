@@ -61,6 +61,12 @@ def _cudnn_rnn_bwd(input, weight, weight_stride0, *args, out_shape=None, **kwarg
     return 2 * _rnn_fwd_flops(input[0] * input[1], _cudnn_weights(weight, weight_stride0))
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # the integer layers' int8 x int8 -> int32 product (IntLinear): one multiply-add per term,
+    # counted as a float matmul of the same shape would be
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _extra_formulas() -> dict:
     extra = {}
     aten = torch.ops.aten
@@ -70,6 +76,7 @@ def _extra_formulas() -> dict:
                           ("_cudnn_rnn", _cudnn_rnn_fwd), ("_cudnn_rnn_backward", _cudnn_rnn_bwd)):
         if hasattr(aten, name):
             extra[getattr(aten, name)] = formula
+    extra[aten._int_mm] = _int_mm_flops
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):

@@ -252,9 +252,25 @@ def measure_step_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_si
         varies_per_step=varies, per_step_range=variation, notes=notes, **opt)
 
 
+def _eval_batch(windows: torch.Tensor | None, batch_size: int, seq_len: int, vocab_size: int,
+                device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if windows is None:
+        return _random_batch(batch_size, seq_len, vocab_size, device, seed)
+    if windows.shape != (batch_size, seq_len + 1):
+        raise ValueError(f"windows of shape {tuple(windows.shape)} do not fit batch {batch_size} "
+                         f"x seq_len {seq_len} (expected {(batch_size, seq_len + 1)})")
+    return windows[:, :-1].to(device), windows[:, 1:].to(device)
+
+
 def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab_size: int, *,
-                          device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
+                          device: str | torch.device = "cpu", seed: int = 0,
+                          windows: torch.Tensor | None = None) -> dict[str, Any]:
     """Counted FLOPs of one evaluation forward (eval mode, no gradient) with the loss.
+
+    ``windows``: (batch_size, seq_len + 1) token ids to run (inputs and their next tokens),
+    e.g. held-out text for a model whose work depends on its input (early exit, routing);
+    default: seeded random tokens. Pass the model as it is evaluated (the flags'
+    ``prepare_for_eval``), so that its exits or integer layers are what is counted.
 
     Returns ``{"forward", "per_token", "by_component", "tokens", "sources"}`` (sources: the
     counted/formula split of ``forward``); multiply ``per_token`` by an eval
@@ -265,7 +281,7 @@ def measure_forward_flops(model: nn.Module, batch_size: int, seq_len: int, vocab
     tracker = ComponentTracker(model)
     census = Census(counter.flop_registry, tracker)
     with _preserved_state(model, device):
-        inputs, targets = _random_batch(batch_size, seq_len, vocab_size, device, seed)
+        inputs, targets = _eval_batch(windows, batch_size, seq_len, vocab_size, device, seed)
         model.eval()
         tracker.install()
         try:

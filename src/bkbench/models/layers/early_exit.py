@@ -1,7 +1,7 @@
-"""Early exit's mechanism: the exits' loss through the final norm and the shared LM head, and
-the evaluation depth policy that lets confident tokens exit (``models/layers/depth.py``).
+"""Early exit's mechanism: the exits' training loss on sampled positions, and the evaluation
+depth policy that stops a token once its hidden state has saturated (``models/layers/depth.py``).
 
-The flag that trains the exits, evaluates with them and records the threshold sweep is
+The flag that trains the exits, calibrates the threshold and records what they save is
 :mod:`bkbench.flags.early_exit` (its docstring is the flag's documentation).
 """
 
@@ -13,31 +13,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...eval import fused_head
-from ...ops.lm_loss import lm_head_nll
-from .depth import ROW_MULTIPLE, gather_rows
+
+def saturation(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """(B*T,) cosine similarity of each token's state after a layer with its state before it
+    (CALM's hidden-state saturation): O(d) per token, a function of the token's own rows."""
+    d = x.shape[-1]
+    return F.cosine_similarity(x.reshape(-1, d).float(), previous.reshape(-1, d).float(), dim=-1)
 
 
-# rows of exit logits computed at once (a multiple of ROW_MULTIPLE)
-CONFIDENCE_CHUNK = 64 * ROW_MULTIPLE
+def sampled_exit_rows(num_rows: int, exits: int, fraction: float,
+                      generator: torch.Generator) -> list[torch.Tensor]:
+    """Disjoint random row indices, one set per exit, ``fraction`` of ``num_rows`` in all
+    (at least one row per exit): each sampled position trains one exit."""
+    per_exit = max(1, round(fraction * num_rows / exits))
+    if per_exit * exits > num_rows:
+        per_exit = num_rows // exits
+    order = torch.randperm(num_rows, generator=generator)
+    return list(order[: per_exit * exits].view(exits, per_exit))
 
 
-def head_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.ln_f(states))
-
-
-def exit_nll(model: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of ``targets`` through the final norm and the LM head (fused when possible)."""
-    head = fused_head(model)
-    feats = model.ln_f(states)
-    if head is not None:
-        return lm_head_nll(feats, head.weight, head.bias, targets, reduction="sum") / targets.numel()
-    logits = model.lm_head(feats)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def exit_cross_entropies(model: nn.Module, states: list[torch.Tensor], targets: torch.Tensor,
+                         rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean NLL of exit n = 1..L-1 on its sampled ``rows[n - 1]``: the state after layer n
+    through the final norm and the model's effective LM head, fused with the loss. Only the
+    sampled rows reach the head (the LM head is most of a step's work)."""
+    head = model.effective_head()
+    flat_targets = targets.reshape(-1)
+    out = []
+    for n, index in enumerate(rows, start=1):
+        index = index.to(flat_targets.device)
+        x = states[n].reshape(-1, states[n].shape[-1]).index_select(0, index)
+        out.append(head.nll(model.ln_f(x), flat_targets.index_select(0, index)) / index.numel())
+    return out
 
 
 class ExitPolicy:
-    """Depth policy of the evaluation model: exit confident tokens (see depth.py)."""
+    """Depth policy of the evaluation model (see depth.py): after layer n < L, a running token
+    whose saturation (cosine of its states after and before the layer) reaches ``threshold``
+    exits. Its state is then frozen and goes through the final norm and the LM head once,
+    with every other token's, at the end of the forward: no head runs to decide."""
 
     def __init__(self, threshold: float, n_layers: int):
         self.threshold = threshold
@@ -47,38 +61,21 @@ class ExitPolicy:
     def begin(self, model, x):
         self._layer = torch.full((x.shape[0] * x.shape[1],), self.n_layers, dtype=torch.long,
                                  device=x.device)
+        self._previous = x
 
     def after_layer(self, model, n, x, running):
-        if n == self.n_layers - 1:
+        previous, self._previous = self._previous, x
+        # the hourglass's middle reports each of its layers with the one state it returns:
+        # a layer that did not change the state (the same tensor) decides nothing new
+        if n == self.n_layers - 1 or x is previous or not self.threshold <= 1:
             return running
-        if self.threshold > 1:     # no probability reaches it: nothing to compute
-            return running
-        index = running.nonzero().squeeze(1)
-        if self.threshold <= 0:    # every probability reaches it
-            stop = torch.ones(index.numel(), dtype=torch.bool, device=x.device)
-        else:
-            rows, real = gather_rows(x.reshape(-1, x.shape[-1]), index)
-            stop = self.confidence(model, rows)[:real] >= self.threshold
-        exited = index[stop]
-        self._layer[exited] = n + 1
-        running = running.clone()
-        running[exited] = False
-        return running
-
-    @staticmethod
-    def confidence(model, rows: torch.Tensor) -> torch.Tensor:
-        """Max softmax probability of each row's exit, CONFIDENCE_CHUNK rows at a time so that
-        the (rows, vocab) logits never exist in full (at 33k words an eval batch's would take
-        gigabytes). Chunks are multiples of 16 rows, so every GEMM stays in the row-count
-        regime of depth.py."""
-        out = []
-        for chunk in rows.split(CONFIDENCE_CHUNK):
-            logits = head_logits(model, chunk).float()
-            out.append((logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).exp())
-        return torch.cat(out) if out else rows.new_zeros(0)
+        stop = running & (saturation(x, previous) >= self.threshold)
+        self._layer[stop] = n + 1
+        return running & ~stop
 
     def finish(self, model, x):
         self.histogram += torch.bincount(self._layer.cpu(), minlength=self.n_layers + 1)[1:]
+        self._previous = None
         return x
 
 

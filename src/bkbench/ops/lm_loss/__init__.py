@@ -6,6 +6,9 @@ Public API::
     loss = lm_head_nll(h, head.weight, head.bias, targets)                   # summed NLL
     nll = lm_head_nll(h, head.weight, head.bias, targets, reduction="none")  # per token, no grad
 
+A model hands these ops its head through the protocol of :mod:`.head` (``Head``: weight,
+bias, input transform, or an int8 weight with its scales for ``lm_head_nll_int8``).
+
 ``h`` is (..., d), ``targets`` the matching (...) integer ids, ``weight`` (V, d). The result is
 the NLL of ``F.cross_entropy(F.linear(h, weight, bias).float(), targets)`` (see
 :mod:`.naive`, the reference), computed ``chunk_rows`` rows at a time so that the full (rows x V)
@@ -38,7 +41,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import naive
 
-__all__ = ["lm_head_nll", "default_chunk_rows", "CHUNK_ELEMENTS", "naive"]
+__all__ = ["lm_head_nll", "lm_head_nll_int8", "quantize_rows", "int8_logits", "default_chunk_rows",
+           "CHUNK_ELEMENTS", "naive"]
 
 #: logits per chunk (2**23 float32 values: 32 MiB, 608 rows at V = 13,777, against 225 MiB for
 #: the full logits). ``benchmarks/train_step.py`` ("LM head + loss") times the chunk sizes; on
@@ -167,6 +171,75 @@ class _NLLSum(torch.autograd.Function):
         return gh, gw, gb if ctx.has_bias else None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------
+# The integer head: int8 weights and per-token int8 activations, evaluation only
+# ---------------------------------------------------------------------------------------------
+
+ACT_QMAX = 127
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per row: (int8 values, float32 (rows, 1) scales); a zero row gets scale 1.
+    A row's rounding depends on that row only (causal)."""
+    x = x.detach().float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / ACT_QMAX, torch.ones_like(amax))
+    return torch.clamp(torch.round(x / scale), -ACT_QMAX, ACT_QMAX).to(torch.int8), scale
+
+
+def int8_logits(x_int: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
+                w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits of int8 rows against an int8 (V, d) weight: the exact int32 product
+    (``torch._int_mm``; ``w_int.t()`` is the column-major view it takes without a copy),
+    rescaled by the row and channel scales."""
+    if x_int.shape[1] == 1:   # _int_mm on CPU is wrong at K = 1 (torch 2.13): a zero column
+        x_int, w_int = torch.nn.functional.pad(x_int, (0, 1)), torch.nn.functional.pad(w_int, (0, 1))
+    logits = torch._int_mm(x_int, w_int.t()).float().mul_(x_scale).mul_(w_scale)
+    return logits.add_(bias) if bias is not None else logits
+
+
+@torch.library.custom_op("bkbench::lm_head_nll_int8", mutates_args=())
+def _nll_rows_int8(x_int: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
+                   w_scale: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   chunk_rows: int) -> torch.Tensor:
+    nll = torch.empty(x_int.shape[0], dtype=torch.float32, device=x_int.device)
+    for start in range(0, x_int.shape[0], chunk_rows):
+        end = min(start + chunk_rows, x_int.shape[0])
+        logits = int8_logits(x_int[start:end], x_scale[start:end], w_int, w_scale, bias)
+        logp = torch.log_softmax(logits, dim=1)
+        torch.neg(logp.gather(1, targets[start:end, None]).squeeze(1), out=nll[start:end])
+    return nll
+
+
+@_nll_rows_int8.register_fake
+def _(x_int, x_scale, w_int, w_scale, bias, targets, chunk_rows):
+    return x_int.new_empty(x_int.shape[0], dtype=torch.float32)
+
+
+def lm_head_nll_int8(features: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, targets: torch.Tensor, reduction: str = "sum",
+                     *, chunk_rows: int | None = None) -> torch.Tensor:
+    """NLL of ``targets`` under an integer LM head: ``features`` rounded to INT8 per token,
+    times the int8 ``weight`` (V, d) in int32, rescaled by the row scales and ``weight_scale``
+    (V,), plus ``bias``; chunked as :func:`lm_head_nll`. Evaluation only (no backward)."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if weight.dtype != torch.int8 or weight.dim() != 2 or features.shape[-1] != weight.shape[1]:
+        raise ValueError(f"an integer head needs an int8 (V, {features.shape[-1]}) weight, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if targets.shape != features.shape[:-1]:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match features of "
+                         f"shape {tuple(features.shape)}")
+    if torch.is_grad_enabled() and features.requires_grad:
+        raise ValueError("lm_head_nll_int8 has no backward; call it under torch.no_grad()")
+    chunk = default_chunk_rows(weight.shape[0]) if chunk_rows is None else int(chunk_rows)
+    x_int, x_scale = quantize_rows(features.reshape(-1, features.shape[-1]))
+    t = targets.reshape(-1).to(torch.int64).contiguous()
+    nll = _nll_rows_int8(x_int, x_scale, weight, weight_scale.float(),
+                         bias.float() if bias is not None else None, t, chunk)
+    return nll.view(targets.shape) if reduction == "none" else nll.sum()
+
+
 def _head_shapes(h_shape, w_shape) -> tuple[int, int, int]:
     return h_shape[0], h_shape[1], w_shape[0]
 
@@ -189,19 +262,28 @@ def _nll_backward_flops(loss_shape, gh_shape, gw_shape, *args, out_shape=None, *
     return 4 * n * d * v      # dh = G W and dW = G^T h, computed in the forward call
 
 
+@register_flop_formula(torch.ops.bkbench.lm_head_nll_int8)
+def _nll_int8_flops(x_shape, s_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    n, d, v = _head_shapes(x_shape, w_shape)
+    return 2 * n * d * v      # the int8 product, counted as a float one of its shape
+
+
 #: ops -> (their FLOP component, per-logit estimate of the uncounted work inside them, by
 #: bkbench.metrics.flops category: what log_softmax + nll_loss, or their backwards, are charged)
 FUSED_OPS = {
     torch.ops.bkbench.lm_head_nll: ("lm_head", {"softmax": 5, "loss": 1}),
     torch.ops.bkbench.lm_head_nll_sum_with_grad: ("lm_head", {"softmax": 5, "loss": 1}),
     torch.ops.bkbench.lm_head_nll_sum_backward: ("lm_head", {"softmax": 3, "loss": 1}),
+    torch.ops.bkbench.lm_head_nll_int8: ("lm_head", {"softmax": 5, "loss": 1}),
 }
 
 
 def logits_of(func, args) -> int:
     """Number of logits (rows x V) an op of :data:`FUSED_OPS` covers."""
-    if func is torch.ops.bkbench.lm_head_nll_sum_backward:
+    if func is torch.ops.bkbench.lm_head_nll_sum_backward:   # (grad_loss, grad_h, grad_w, ..)
         return args[1].shape[0] * args[2].shape[0]
+    if func is torch.ops.bkbench.lm_head_nll_int8:           # (x_int, x_scale, w_int, ..)
+        return args[0].shape[0] * args[2].shape[0]
     return args[0].shape[0] * args[1].shape[0]
 
 

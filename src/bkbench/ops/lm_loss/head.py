@@ -1,0 +1,80 @@
+"""The LM-head protocol: what a model hands the fused loss instead of calling its head.
+
+A head module's forward is ``linear(transform(h), weight, bias)`` for some row-wise
+``transform`` (identity for an ``nn.Linear``; fake quantization of the activations for a
+quantization-aware layer; their integer grid for an integer layer). :class:`Head` holds those
+three pieces as tensors and a function, so :func:`bkbench.ops.lm_loss.lm_head_nll` can fuse the
+product with the cross-entropy, chunk by chunk, whatever kind of layer the head is. A module
+says what its head is by a method ``effective_head() -> Head``; a plain ``nn.Linear`` needs none.
+Nothing here knows a flag: a layer that changes its head's arithmetic implements the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import prune
+
+from . import int8_logits, lm_head_nll, lm_head_nll_int8, quantize_rows
+
+
+@dataclass(frozen=True)
+class Head:
+    weight: torch.Tensor                   # (V, d): what multiplies the transformed features
+    bias: torch.Tensor | None              # (V,)
+    # row-wise map of the features before the product (None: identity). Row-wise, so the
+    # chunked loss may apply it to the whole batch at once and stay causal.
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # an integer head: ``weight`` is int8 with these (V,) float scales, and the features are
+    # rounded to INT8 per token (``quantize_rows``) for an int8 x int8 -> int32 product
+    weight_scale: torch.Tensor | None = None
+
+    def inputs(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.transform is None else self.transform(features)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's output, as the module's forward would compute it (the fused loss's oracle)."""
+        x = self.inputs(features)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = int8_logits(*quantize_rows(rows), self.weight, self.weight_scale, self.bias)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
+
+    def nll(self, features: torch.Tensor, targets: torch.Tensor,
+            reduction: str = "sum") -> torch.Tensor:
+        """NLL of ``targets`` with the head fused into the loss (:func:`lm_head_nll`, or
+        :func:`lm_head_nll_int8` for an integer head)."""
+        x = self.inputs(features)
+        if self.weight_scale is None:
+            return lm_head_nll(x, self.weight, self.bias, targets, reduction)
+        return lm_head_nll_int8(x, self.weight, self.weight_scale, self.bias, targets, reduction)
+
+
+def current_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the module's next forward multiplies by. ``torch.nn.utils.prune`` keeps the
+    weight as ``weight_orig`` and a mask, and recomputes ``weight`` in a forward pre-hook; a
+    head used without its forward must recompute it here (else it reads a stale product)."""
+    weight = module.weight
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            weight = hook.apply_mask(module)
+    return weight
+
+
+def head_of(module: nn.Module | None) -> Head | None:
+    """The :class:`Head` of a head module, or None if its forward is not a linear map of
+    row-wise transformed features (then the caller must run the module and take its logits)."""
+    own = getattr(module, "effective_head", None)
+    if callable(own):
+        return own()
+    if isinstance(module, nn.Linear):
+        return Head(current_weight(module), module.bias)
+    return None
+
+
+__all__ = ["Head", "current_weight", "head_of"]
