@@ -48,25 +48,34 @@ class LayerStates:
         stages = getattr(self.model, "stages", None)
         return stage_of_layers(stages) if stages is not None else []
 
+    def _full(self) -> tuple[torch.Tensor, list]:
+        """The full-resolution state that entered the blocks, and each block's stage. The first
+        block's own input is shorter when a shortened stage starts at block 0."""
+        if not self.states:
+            raise RuntimeError("no forward has run since the hooks were installed")
+        stages = self._stages()
+        entry = stages[0].entered(self.states[0]) if stages else self.states[0]
+        return entry, stages
+
     def stacked(self) -> torch.Tensor:
         """(L + 1, B, T, d) states of the last forward, float32; a shortened block's state
         upsampled, each position standing for the ones it is upsampled to."""
-        if not self.states:
-            raise RuntimeError("no forward has run since the hooks were installed")
-        length = self.states[0].shape[1]
-        stages = self._stages()
-        full = [self.states[0]] + [s if s.shape[1] == length else stages[n].upsampled(s, length)
-                                   for n, s in enumerate(self.states[1:])]
+        entry, stages = self._full()
+        length = entry.shape[1]
+        full = [entry] + [s if s.shape[1] == length else stages[n].upsampled(s, length)
+                          for n, s in enumerate(self.states[1:])]
         return torch.stack([s.float() for s in full])
 
     def full_resolution(self) -> list[torch.Tensor]:
         """The L + 1 states of the last forward at full resolution, in their own dtype: each
         as the next block sees it (a shortened block's state upsampled and added to the state
         that entered its stage: for the stage's last block, exactly the next block's input)."""
-        length, stages = self.states[0].shape[1], self._stages()
-        return [self.states[0]] + [
+        entry, stages = self._full()
+        length = entry.shape[1]
+        return [entry] + [
             s if s.shape[1] == length
-            else stages[n].resolved(s, self.states[stages[n].layers.start], length)
+            else stages[n].resolved(s, stages[n].entered(self.states[stages[n].layers.start]),
+                                    length)
             for n, s in enumerate(self.states[1:])]
 
 

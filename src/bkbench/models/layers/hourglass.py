@@ -45,8 +45,12 @@ class ShortenedStage:
         self.factor = factor
         self.layers = range(first, end)
         self.shift = factor - 1 if shift is None else shift
+        self.last_entering: torch.Tensor | None = None
 
     def run(self, blocks: nn.ModuleList, x: torch.Tensor, skip=None) -> torch.Tensor:
+        # kept for the per-layer states (objectives/layer_states.py): when the middle starts at
+        # block 0, no block sees the full-resolution state that entered it
+        self.last_entering = x
         short = shorten(x, self.factor, self.shift)
         for n in self.layers:
             short = blocks[n](short)
@@ -65,6 +69,9 @@ class ShortenedStage:
 
     def resolved(self, state: torch.Tensor, entering: torch.Tensor, length: int) -> torch.Tensor:
         return entering + upsample(state, self.factor, length)
+
+    def entered(self, first_input: torch.Tensor) -> torch.Tensor:
+        return self.last_entering if self.last_entering is not None else first_input
 
     def positions(self, length: int) -> int:
         return math.ceil(length / self.factor)

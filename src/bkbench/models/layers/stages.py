@@ -18,6 +18,8 @@ A stage has
 ``resolved(state, entering, length)`` that state as the next block sees it (``entering``: the
                                      state that entered the stage)
 ``positions(length)``                positions each of its blocks runs on
+``entered(first_input)``             the full-resolution state that entered it in the last
+                                     forward (``first_input``: its first block's input)
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class BlockStage:
 
     def positions(self, length: int) -> int:
         return length
+
+    def entered(self, first_input: torch.Tensor) -> torch.Tensor:
+        return first_input
 
     def __repr__(self) -> str:
         return f"BlockStage({self.layers.start})"
