@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-MAIN = ("warm-up", "build and causality audit", "training and evaluation", "FLOPs count")
+MAIN = ("warm-up", "build and causality audit", "training and evaluation", "FLOPs count",
+        "evaluation FLOPs count")
 
 
 def _seconds(result: dict) -> dict[str, float]:
