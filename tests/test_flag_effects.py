@@ -136,20 +136,30 @@ def test_torch_ao_dynamic_quantization_would_leak_the_future():
     assert torch.equal(ours(x)[:3], ours(later)[:3])
 
 
-def test_pruning_reaches_the_target_sparsity_and_removes_experts(tmp_path):
-    cfg = config(use_pruning=True, pruning_frequency=2, pruning_expert_min_share=0.3,
-                 pruning_target_sparsity=0.6)
+def test_weight_pruning_folds_masks_into_the_weights_and_removes_experts(tmp_path):
+    cfg = config(use_pruning=True, pruning_structure="weights", pruning_frequency=2,
+                 pruning_expert_min_share=0.3, pruning_target_sparsity=0.6, warmup_steps=3)
     t = trainer(cfg)
     params_before = t.model.num_parameters()
     experts_before = [len(b.moe.experts) for b in t.model.blocks]
+    head_before = t.model.lm_head.weight.detach().clone()
     outcome = t.fit()
     rec = t.flags.record(t.context, outcome)["use_pruning"]["measured"]
-    for name, module in t.flags["use_pruning"].layers.items():
-        zeros = (module.weight_mask == 0).sum().item()
-        assert zeros == round(0.6 * module.weight_mask.numel()), name
-        assert torch.equal(module.weight == 0, module.weight_mask == 0) or \
-            (module.weight[module.weight_mask == 0] == 0).all()
+    flag = t.flags["use_pruning"]
+    assert flag.layers and all(n.startswith("blocks.") for n in flag.layers)
+    for name, module in flag.layers.items():
+        # the zeros are in the weight itself, and they are the mask's
+        assert (module.weight == 0).sum().item() == round(0.6 * module.weight.numel()), name
+        assert torch.equal(module.weight != 0, flag.masks[name]), name
     assert rec["sparsity_pruned_layers"] == pytest.approx(0.6, abs=1e-3)
+    # no hook, no stored original or mask: the stored model is a plain one's
+    assert not any("orig" in k or "mask" in k for k in t.model.state_dict())
+    assert not any(m._forward_pre_hooks for m in t.model.modules())
+    # the LM head is not pruned (it trained: it has no zero and changed)
+    assert (t.model.lm_head.weight != 0).all() and not torch.equal(t.model.lm_head.weight,
+                                                                     head_before)
+    # the schedule starts after the 3 warm-up steps
+    assert rec["schedule_window"]["t0"] == 3 and min(s["step"] for s in rec["schedule"]) > 3
     experts_after = [len(b.moe.experts) for b in t.model.blocks]
     assert sum(experts_after) < sum(experts_before)
     for b, n in zip(t.model.blocks, experts_after):
@@ -161,6 +171,69 @@ def test_pruning_reaches_the_target_sparsity_and_removes_experts(tmp_path):
     in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in t.model.parameters()}
     assert outcome.steps == 8 and rec["experts"]["step"] == 4
+
+
+def test_weight_pruning_stores_what_an_unpruned_model_stores():
+    from bkbench.compression.quantization import stored_bytes
+    cfg = config(use_pruning=True, pruning_structure="weights", pruning_frequency=2,
+                 pruning_expert_min_share=0.0, pruning_target_sparsity=0.5)
+    t = trainer(cfg)
+    t.fit()
+    plain, _ = built(config())
+    assert {k: v.shape for k, v in t.model.state_dict().items()} == \
+        {k: v.shape for k, v in plain.state_dict().items()}
+    assert stored_bytes(t.model) == stored_bytes(plain)
+
+
+def test_hidden_unit_pruning_shrinks_the_matrices_and_their_flops():
+    cfg = config(use_pruning=True, pruning_frequency=2, pruning_expert_min_share=0.0,
+                 pruning_target_sparsity=0.5)
+    t = trainer(cfg)
+    outcome = t.fit()
+    rec = t.flags.record(t.context, outcome)["use_pruning"]["measured"]
+    hidden = 2 * cfg.d_model
+    for block in t.model.blocks:
+        for ex in block.moe.experts:
+            assert ex.fc.weight.shape == (hidden // 2, cfg.d_model) == (ex.fc.out_features,
+                                                                        ex.fc.in_features)
+            assert ex.fc.bias.shape == (hidden // 2,)
+            assert ex.proj.weight.shape == (cfg.d_model, hidden // 2) == (ex.proj.out_features,
+                                                                          ex.proj.in_features)
+    params = {"fc": cfg.d_model * hidden + hidden, "proj": hidden * cfg.d_model}
+    removed = cfg.n_layers * cfg.num_experts * (params["fc"] + params["proj"]) // 2
+    assert rec["unpruned"]["parameters"] - rec["pruned"]["parameters"] == removed
+    assert rec["pruned"]["parameters"] == t.model.num_parameters()
+    # the feed-forward FLOPs are the matrix products of the remaining units: half
+    assert rec["pruned"]["feed_forward_flops"] < 0.55 * rec["unpruned"]["feed_forward_flops"]
+    assert rec["forward_flops_ratio"] < 1 and rec["training_step"]["pruned_ms"] > 0
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in t.model.parameters()}
+
+
+def test_removing_units_without_output_leaves_the_network_unchanged():
+    """Reference: a unit whose output column is zero contributes nothing, so removing exactly
+    those units (they score 0) must give the same outputs; the optimizer's moments follow."""
+    from bkbench.compression.pruning import prune_hidden_units
+    from bkbench.models.resnet_bk import Expert
+    torch.manual_seed(0)
+    ex = Expert(8)
+    dead = torch.tensor([1, 4, 6, 9, 15])
+    with torch.no_grad():
+        ex.proj.weight[:, dead] = 0
+    opt = torch.optim.AdamW(ex.parameters())
+    ex(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        ex.proj.weight[:, dead] = 0
+    old_fc, moment = ex.fc.weight, opt.state[ex.fc.weight]["exp_avg"].clone()
+    x = torch.randn(5, 8)
+    expected = ex(x)
+    prune_hidden_units(ex, 16 - len(dead), opt)
+    keep = torch.tensor([i for i in range(16) if i not in dead.tolist()])
+    assert ex.fc.weight is not old_fc                      # a new Parameter (DDP-safe)
+    assert torch.allclose(ex(x), expected, atol=1e-6)
+    assert torch.equal(opt.state[ex.fc.weight]["exp_avg"], moment[keep])
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in ex.parameters()}
 
 
 def test_mixed_precision_runs_the_model_in_bfloat16_and_the_bk_mixer_in_float32(monkeypatch):

@@ -74,9 +74,11 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "against float32",
              quantization.QuantizationSettings),
     FlagSpec("use_pruning", ("transformer", "resnet_bk"), pruning, pruning.Pruning,
-             "gradual magnitude pruning on a cubic schedule (torch.nn.utils.prune) and removal "
-             "of rarely used MoE experts",
-             "sparsity per layer; experts removed; parameters, size and FLOPs before and after",
+             "gradual pruning after the LR warm-up on a cubic schedule: feed-forward hidden "
+             "units removed for real (matrices shrink), or single weights zeroed with the masks "
+             "folded into the weights; rarely used MoE experts removed; head and embedding kept",
+             "width or sparsity per layer; experts removed; parameters, size, forward FLOPs and "
+             "training-step time pruned vs the unpruned build",
              pruning.PruningSettings),
     FlagSpec("use_mixed_precision", ("transformer", "resnet_bk"), mixed_precision,
              mixed_precision.MixedPrecision,
