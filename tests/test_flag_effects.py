@@ -69,6 +69,45 @@ def test_objective_term_is_in_the_loss_with_a_gradient(flag, term, owner):
     assert set(plain.compute_loss(*tokens())[1]) == {"cross_entropy_sum"}
 
 
+def test_energy_drift_is_relative_to_the_state_it_changes():
+    """Oracle: a layer that scales every state by c changes E by c^2, so its relative drift is
+    |c^2 - 1| whatever the states' scale; an absolute drift would grow with the scale."""
+    from bkbench.objectives.physics_informed import energy_drift
+    h0 = torch.randn(2, 5, 8)
+    for scale in (0.1, 1.0, 30.0):
+        states = torch.stack([scale * h0, 1.5 * scale * h0, 1.5 * 0.8 * scale * h0])
+        drift = energy_drift(states)
+        expected = torch.tensor([1.5 ** 2 - 1, 1 - 0.8 ** 2])
+        assert torch.allclose(drift, expected, rtol=1e-5), scale
+    # per position, then averaged: a position whose state does not change has no drift
+    states = torch.stack([h0, h0.clone()])
+    states[1, 0, 0] *= 2
+    assert torch.allclose(energy_drift(states), torch.tensor([3.0 / 10]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag,term", [("use_koopman", "koopman"),
+                                       ("use_physics_informed", "physics_energy")])
+def test_objective_weight_warms_up_linearly(flag, term):
+    short = flag.removeprefix("use_")
+    t = trainer(config(**{flag: True, f"{short}_weight": 0.2, f"{short}_warmup": 0.5}))
+    seen = []
+    hook = t.flags.after_optimizer_step
+
+    def spy(run, terms):
+        hook(run, terms)
+        f = t.flags[flag]
+        seen.append((f.last["weight"], terms[term].item()))
+    t.flags.after_optimizer_step = spy
+    t.fit()
+    # 8 steps, warm-up 0.5: the weight is 0.2 x (t + 1) / 4 for t < 4, then 0.2
+    expected = [0.2 * min(1.0, (s + 1) / 4) for s in range(8)]
+    assert [w for w, _ in seen] == pytest.approx(expected)
+    assert all(v > 0 for _, v in seen)
+    if flag == "use_koopman":   # the term is the weight times the raw loss
+        f = t.flags[flag]
+        assert f.last["term"] == pytest.approx(0.2 * f.last["raw"], rel=1e-6)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_weights_lie_on_the_grid_and_evaluation_uses_integers(bits):
     cfg = config(use_quantization=True, quantization_bits=bits)

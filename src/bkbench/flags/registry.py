@@ -57,13 +57,13 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              analytic_gradient.AnalyticGradientSettings),
     FlagSpec("use_koopman", ("transformer", "resnet_bk"), koopman, koopman.Koopman,
              "Koopman auxiliary loss: a lifting phi, a linear operator K and a decoder with "
-             "phi(h_{l+1}) ~ K phi(h_l) along the layers",
+             "phi(h_{l+1}) ~ K phi(h_l) along the layers, weight warmed up",
              "loss term per epoch and final; held-out prediction error of K per layer",
              koopman.KoopmanSettings),
     FlagSpec("use_physics_informed", ("transformer", "resnet_bk"), physics_informed,
              physics_informed.PhysicsInformed,
-             "energy-conservation penalty |E(h_{l+1}) - E(h_l)| along the layers, "
-             "E(h) = 1/2 |h|^2 / d per position",
+             "energy-conservation penalty: relative drift |E(h_{l+1}) - E(h_l)| / E(h_l) "
+             "along the layers, E(h) = 1/2 |h|^2 / d per position, weight warmed up",
              "loss term per epoch; held-out energy drift per layer, trained and at initialization",
              physics_informed.PhysicsInformedSettings),
     FlagSpec("use_quantization", ("transformer", "resnet_bk"), quantization,
