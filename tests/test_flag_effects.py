@@ -66,7 +66,7 @@ def test_objective_term_is_in_the_loss_with_a_gradient(flag, term, owner):
     assert grad is not None and grad.abs().sum() > 0
     assert grad_lm is not None and grad_lm.abs().sum() > 0
     plain = trainer(config(moe_balance_weight=0.0))
-    assert set(plain.compute_loss(*tokens())[1]) == {"cross_entropy_sum"}
+    assert set(plain.compute_loss(*tokens())[1]) == {"cross_entropy_sum", "cross_entropy_per_window"}
 
 
 def test_energy_drift_is_relative_to_the_state_it_changes():

@@ -100,7 +100,7 @@ def test_flag_loss_terms_are_trained_logged_and_counted(tmp_path):
     extra = trainer_for(cfg, run_dir=tmp_path)
     extra.flags = FlagSet({"extra": _ExtraMatmul()})
     loss, terms = extra.compute_loss(*extra.batch(extra.epoch_order(0), 0))
-    assert set(terms) == {"cross_entropy_sum", "moe_balance", "extra"}
+    assert set(terms) == {"cross_entropy_sum", "cross_entropy_per_window", "moe_balance", "extra"}
     extra.fit()
     lines = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     train = [l for l in lines if l["kind"] == "train"]

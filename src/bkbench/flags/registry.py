@@ -42,6 +42,8 @@ class FlagSpec:
     records: str
     settings: type | None = None
     incompatible: tuple[str, ...] = ()
+    # (other flag, what the two do together): declared, documented and tested compositions
+    compositions: tuple[tuple[str, str], ...] = ()
 
     @property
     def short(self) -> str:
@@ -117,11 +119,16 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              curriculum.CurriculumSettings),
     FlagSpec("use_active_learning", ("transformer", "resnet_bk"), active_learning,
              active_learning.ActiveLearning,
-             "online batch selection: every k steps score a candidate pool by the model's loss "
-             "and train on the top-loss fraction (a random share kept)",
-             "fraction fed, scoring passes, selection FLOPs (also flops.selection) and seconds; "
-             "validation curve and time to target",
-             active_learning.ActiveLearningSettings),
+             "online batch selection by each window's latest training loss (no scoring pass): "
+             "every k steps the top-loss fraction of the next pool of windows is trained on "
+             "(a random share kept)",
+             "fraction fed, windows considered, age of the selecting losses, selection FLOPs "
+             "(0, also flops.selection) and seconds; validation curve and time to target",
+             active_learning.ActiveLearningSettings,
+             compositions=(("use_curriculum",
+                            "active learning selects within the curriculum's pacing: its pool "
+                            "is the curriculum's order at the round's position, so every window "
+                            "fed has been admitted by the competence schedule"),)),
 )}
 
 
@@ -269,6 +276,7 @@ def flags_doc_markdown() -> str:
         out += [f"## `{s.name}`", "", s.summary[0].upper() + s.summary[1:] + ".", "",
                 f"- applies to: {', '.join(s.architectures)}",
                 f"- cannot be combined with: {', '.join(s.incompatible) or 'none'}",
+                *[f"- with `{other}`: {how}" for other, how in s.compositions],
                 f"- code: `{s.module.__name__}`",
                 f"- records: {s.records}", ""]
         if s.settings is not None:
