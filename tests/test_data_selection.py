@@ -84,6 +84,7 @@ def test_each_batch_is_drawn_from_the_easiest_competence_share_as_documented():
     # often as the easy half (with replacement across steps, unlike the trainer's order)
     t = trainer(config(use_curriculum=True, curriculum_initial_competence=1.0, epochs=4))
     flag = t.flags.flags["use_curriculum"]
+    assert flag.competence_at(t.context, 0) == 1.0
     seen = torch.cat([t.epoch_order(e) for e in range(4)])
     rank_of = torch.empty(t.num_windows, dtype=torch.long)
     rank_of[flag.ranking] = torch.arange(t.num_windows)
@@ -98,8 +99,8 @@ def test_competence_schedule_equals_the_formula():
     assert competence(40, c0, T) == 1.0 and competence(1000, c0, T) == 1.0
     t = trainer(config(use_curriculum=True, curriculum_full_at=0.5))   # 30 steps: T = 15
     flag = t.flags.flags["use_curriculum"]
-    assert flag.full_steps(t) == 15.0
-    assert flag.competence_at(t, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))
+    assert flag.full_steps(t.context) == 15.0
+    assert flag.competence_at(t.context, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))
     out = t.fit()
     rec = flag.record(t.context, out)
     for sample in rec["competence_samples"]:
@@ -204,10 +205,10 @@ def test_active_learning_selects_within_the_curriculums_pacing():
     n = t.num_windows
     for step, windows in fed:
         last = min(step + pool_batches - 1, t.total_steps - 1)
-        eligible = cur.ranking[:max(8, math.ceil(cur.competence_at(t, last) * n))]
+        eligible = cur.ranking[:max(8, math.ceil(cur.competence_at(t.context, last) * n))]
         assert torch.isin(windows, eligible).all(), step
     # the first steps feed only a small easy share: the pacing is felt
-    assert math.ceil(cur.competence_at(t, pool_batches) * n) < n / 2
+    assert math.ceil(cur.competence_at(t.context, pool_batches) * n) < n / 2
 
 
 # --- both -----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from .flags import FlagSet, build_model
 from .hooks import RunContext
 from .metrics.contention import ContentionMonitor
 from .models.dropout import dropout_key
-from .seeding import seed_everything
+from .seeding import seed_everything  # noqa: F401 (bkbench.train.seed_everything, as before)
 
 log = logging.getLogger(__name__)
 

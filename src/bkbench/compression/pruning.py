@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models.layers.attached import attached_ids
+from ..models.resnet_bk import BKMixer, MoEFeedForward
 from .quantization import QATLinear
 
 
@@ -28,17 +30,24 @@ def cubic_sparsity(step: int, t0: int, t_end: int, target: float) -> float:
 
 
 def prunable_layers(model: nn.Module, include_head: bool = False) -> dict[str, nn.Module]:
-    """The Linear layers inside the blocks (not the MoE gate, the BK projections or a flag's
-    own modules), and the LM head if ``include_head`` and it is not tied to the embedding."""
-    layers = {}
+    """The Linear layers weight pruning masks, by name: every Linear of the blocks (experts or
+    MLP, attention projections) except the MoE gates and the BK mixers' small projections,
+    and the LM head if ``include_head`` and it is not tied to the embedding; never a flag's
+    attached module."""
+    excluded = attached_ids(model)
+    for m in model.modules():
+        if isinstance(m, BKMixer):
+            excluded |= {id(x) for x in m.modules()}
+        elif isinstance(m, MoEFeedForward):
+            excluded.add(id(m.gate))
+    in_blocks = {id(m) for m in model.blocks.modules()} if hasattr(model, "blocks") else set()
     tied = getattr(getattr(model, "config", None), "tie_weights", False)
+    head = getattr(model, "lm_head", None)
+    layers = {}
     for name, module in model.named_modules():
-        parts = name.split(".")
-        if not isinstance(module, (nn.Linear, QATLinear)) or "flag_modules" in parts:
+        if not isinstance(module, (nn.Linear, QATLinear)) or id(module) in excluded:
             continue
-        if parts[0] == "blocks" and ("gate" in parts or "bk" in parts):
-            continue
-        if parts[0] == "blocks" or (name == "lm_head" and include_head and not tied):
+        if id(module) in in_blocks or (module is head and include_head and not tied):
             layers[name] = module
     return layers
 
@@ -46,8 +55,10 @@ def prunable_layers(model: nn.Module, include_head: bool = False) -> dict[str, n
 def feed_forward_pairs(model: nn.Module) -> dict[str, nn.Module]:
     """The feed-forward networks d -> H -> d inside the blocks (each MoE expert, or a
     Transformer's MLP): modules with an ``fc`` (H x d) and a ``proj`` (d x H) layer."""
+    in_blocks = {id(m) for m in model.blocks.modules()} if hasattr(model, "blocks") else set()
+    excluded = attached_ids(model)
     return {name: m for name, m in model.named_modules()
-            if name.startswith("blocks.") and "flag_modules" not in name.split(".")
+            if id(m) in in_blocks and id(m) not in excluded
             and isinstance(getattr(m, "fc", None), (nn.Linear, QATLinear))
             and isinstance(getattr(m, "proj", None), (nn.Linear, QATLinear))}
 

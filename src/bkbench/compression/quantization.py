@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.layers.attached import attached_ids
+
 
 ACT_QMAX = 127
 
@@ -135,15 +137,15 @@ class IntLinear(nn.Module):
 
 def _replace(model: nn.Module, kind: type, make) -> int:
     """Replace every module of exactly type ``kind`` by ``make(module)``; other flags' own
-    modules (``flag_modules``: e.g. the Koopman head, not part of the language model) stay."""
+    modules (attached beside the layers: e.g. the Koopman head, not part of the language
+    model) stay."""
+    attached = attached_ids(model)
     count = 0
-    for path, parent in list(model.named_modules()):
-        if path.split(".")[0] == "flag_modules":
+    for parent in list(model.modules()):
+        if id(parent) in attached:
             continue
         for name, child in list(parent.named_children()):
-            if name == "flag_modules":
-                continue
-            if type(child) is kind:
+            if type(child) is kind and id(child) not in attached:
                 setattr(parent, name, make(child))
                 count += 1
     return count

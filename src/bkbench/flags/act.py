@@ -70,6 +70,7 @@ from ..hooks import Flag, RunContext
 from ..metrics.flops import new_counter
 from ..metrics.with_without import clocked, interleaved_medians
 from ..models.layers.act import ACTHalting, without_policy
+from ..models.layers.attached import attach
 from ..objectives.layer_states import held_out_windows
 from .meter import EpochMeter
 
@@ -114,11 +115,8 @@ class ACT(Flag):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if not hasattr(model, "depth_policies") or not hasattr(model, "blocks"):
             raise ValueError("use_act needs a ResNet-BK model (per-token depth policies)")
-        if not hasattr(model, "flag_modules"):
-            model.flag_modules = nn.ModuleDict()
-        halting = ACTHalting(self.config.d_model, len(model.blocks), self.settings.eps,
-                             self.settings.bias_init)
-        model.flag_modules["act"] = halting
+        halting = attach(model, "act", ACTHalting(self.config.d_model, len(model.blocks),
+                                                  self.settings.eps, self.settings.bias_init))
         model.depth_policies = list(model.depth_policies) + [halting]
         self.n_layers = len(model.blocks)
         self._hist = torch.zeros(self.n_layers, dtype=torch.long)
@@ -144,7 +142,8 @@ class ACT(Flag):
 
     @torch.no_grad()
     def held_out(self, model: nn.Module, split: torch.Tensor, device) -> dict[str, Any]:
-        windows = held_out_windows(split, self.config.n_seq, self.settings.record_windows).to(device)
+        windows = held_out_windows(split, self.config.n_seq,
+                                   self.settings.record_windows).to(device)
         halting = model.flag_modules["act"]
         was = model.training
         model.eval()

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from ..hooks import Flag, RunContext
+from ..models.layers.attached import attach
 from ..objectives.koopman import KoopmanHead
 from ..objectives.layer_states import LayerStates, held_out_windows
 from ..objectives.schedule import warmed_weight, warmup_steps
@@ -81,9 +82,7 @@ class KoopmanSettings:
 class Koopman(Flag):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.states = LayerStates(model, "use_koopman")
-        if not hasattr(model, "flag_modules"):
-            model.flag_modules = nn.ModuleDict()
-        model.flag_modules["koopman"] = KoopmanHead(self.config.d_model, self.settings.dim)
+        attach(model, "koopman", KoopmanHead(self.config.d_model, self.settings.dim))
         self.meter = EpochMeter(term=0.0, raw=0.0)
         self.ramp: int | None = None
         self.last: dict[str, float] | None = None

@@ -39,10 +39,10 @@ What it records
     time with and without.
 
 With other flags
-    The blocks keep their names and weights (the hourglass is ``ResNetBKLM.stack``, which
-    owns no parameters), so per-block flags apply as usual; the layer-to-layer objectives
-    (use_koopman, use_physics_informed) read a middle block's state at full resolution, each
-    pooled state standing for the k positions it is upsampled to. With use_sparse_bk the
+    The blocks keep their names and weights (the hourglass is a shortened stage of
+    ``ResNetBKLM.stages``, which owns no parameters), so per-block flags apply as usual; the
+    layer-to-layer objectives (use_koopman, use_physics_informed) read a middle block's state
+    at full resolution, each pooled state standing for the k positions it is upsampled to. With use_sparse_bk the
     middle blocks route among their N/k positions. Each flag's "without" measurement switches
     off that flag only.
 
@@ -63,7 +63,8 @@ import torch.nn as nn
 
 from ..hooks import Flag, RunContext
 from ..metrics.with_without import forward_with_and_without
-from ..models.layers.hourglass import apply_hourglass, without_hourglass
+from ..models.layers.hourglass import ShortenedStage, apply_hourglass, without_hourglass
+from ..models.layers.stages import positions_per_block
 from ..objectives.layer_states import held_out_windows
 
 
@@ -96,11 +97,10 @@ class MultiScale(Flag):
 
     def record(self, run: RunContext, outcome) -> dict[str, Any]:
         model, cfg = run.model, self.config
-        stack = model.stack
+        middle = next(s for s in model.stages if isinstance(s, ShortenedStage))
         batch = max(1, cfg.batch_size // run.world)
         windows = held_out_windows(run.data.valid, cfg.n_seq, batch).to(run.device)
         measured = forward_with_and_without(model, lambda: without_hourglass(model), windows,
                                             batch, self.settings.timing_repeats, seed=cfg.seed)
-        return {"positions_per_block": stack.positions_per_block(len(model.blocks), cfg.n_seq),
-                "middle_blocks": list(range(stack.first_middle, stack.end_middle)),
-                "shift": stack.shift, **measured}
+        return {"positions_per_block": positions_per_block(model.stages, cfg.n_seq),
+                "middle_blocks": list(middle.layers), "shift": middle.shift, **measured}

@@ -1,4 +1,5 @@
-"""``use_quantization``: quantization-aware training of the Linear layers, integer weights to evaluate.
+"""``use_quantization``: quantization-aware training of the Linear layers, integer weights
+to evaluate.
 
 What it does
     Training: every ``nn.Linear`` of the model (LM head, experts or MLP, gate, attention and

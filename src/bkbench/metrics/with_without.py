@@ -58,7 +58,7 @@ def interleaved_medians(timed_with: Callable[[], float | Sequence[float]],
     out: dict[str, Any] = {}
     for label, values in runs.items():
         if isinstance(values[0], (tuple, list)):
-            out[label] = tuple(statistics.median(v[i] for v in values) for i in range(len(values[0])))
+            out[label] = tuple(statistics.median(phase) for phase in zip(*values))
         else:
             out[label] = statistics.median(values)
     total = {k: sum(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -14,10 +14,12 @@ LayerNorm -> LM head. Each block's layer (docs/models.md):
    t_k and shift z_k = E_k + i*eps_k, eps_k = softplus(raw_k) > 0;
 4. ``out = f + bk_scale * Linear(2K, d)([Re g_1..K, Im g_1..K])``.
 
-Flags that let tokens stop computing before the last layer (``use_act``, ``use_early_exit``)
-install *depth policies* on ``depth_policies``; the blocks then run through
-``models/layers/depth.py``, which runs the feed-forward on the still-running tokens' gathered
-rows only and keeps every position in the BK chain. Without policies the plain loop runs.
+The blocks run as a list of stages (``models/layers/stages.py``): one per block, unless a
+structural flag runs some differently (``use_multi_scale``'s shortened middle). Flags that let
+tokens stop computing before the last layer (``use_act``, ``use_early_exit``) install *depth
+policies* on ``depth_policies``; the stages then run through ``models/layers/depth.py``, which
+runs the feed-forward on the still-running tokens' gathered rows only and keeps every position
+in the BK chain.
 
 ``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
 future, is not a valid language model, and exists to be studied (the causality audit fails it).
@@ -51,7 +53,8 @@ import torch.nn.functional as F
 from ..ops.bk_core import resolvent_diag
 from .common import LanguageModel
 from .dropout import KeyedDropout
-from .layers.depth import TokenSkip, run_depth
+from .layers.depth import TokenSkip, run_stack
+from .layers.stages import plain_stages
 
 # Rows of each expert's batch are padded to a multiple of this (see the module docstring).
 EXPERT_ROW_MULTIPLE = 16
@@ -159,7 +162,7 @@ def _take_rows(src: torch.Tensor, index: torch.Tensor, zero_row: bool) -> torch.
     return src.index_select(0, index)
 
 
-class _PermuteRows(torch.autograd.Function):
+class PermuteRows(torch.autograd.Function):
     """out = src[index] for an index that maps each output row to one source row or to a row
     of zeros (the value len(src)), every source row being used at most once. Its backward is
     the opposite gather, grad_src = grad_out[inverse], so neither direction scatters."""
@@ -184,7 +187,7 @@ class MoEFeedForward(nn.Module):
     EXPERT_ROW_MULTIPLE (module docstring), within one (rows, d) buffer; every expert runs on
     its slice, also an empty one (so that all expert parameters are in every step's graph, as
     DDP requires); the outputs return to token order by a gather with the inverse permutation.
-    Both moves are one gather each way (:class:`_PermuteRows`); :func:`naive_moe` is the
+    Both moves are one gather each way (:class:`PermuteRows`); :func:`naive_moe` is the
     per-expert loop it replaces, kept as the tests' reference.
     """
 
@@ -247,10 +250,10 @@ class MoEFeedForward(nn.Module):
         counts, padded, to_buffer, to_pairs = self.dispatch_plan(chosen)
 
         pairs = x if k == 1 else x.unsqueeze(1).expand(N, k, d).reshape(N * k, d)
-        buffer = _PermuteRows.apply(pairs, to_buffer, to_pairs, True, False)
+        buffer = PermuteRows.apply(pairs, to_buffer, to_pairs, True, False)
         outputs = [expert(part) for expert, part in zip(self.experts, buffer.split(padded))]
         # under autocast the experts may return half precision
-        y = _PermuteRows.apply(torch.cat(outputs).to(x.dtype), to_pairs, to_buffer, False, True)
+        y = PermuteRows.apply(torch.cat(outputs).to(x.dtype), to_pairs, to_buffer, False, True)
         y = y.reshape(N, k, d)
         out = y[:, 0] * weights[:, :1]
         for s in range(1, k):                              # ascending expert index, as a loop
@@ -393,13 +396,13 @@ class ResNetBKLM(LanguageModel):
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        # A structural flag may set a module here that runs ``self.blocks`` in its own way
-        # (use_multi_scale's hourglass): called as stack(blocks, x). It owns no parameters,
-        # so the weights keep their names with the flag on or off.
-        self.stack: nn.Module | None = None
+        # The blocks as a list of stages (models/layers/stages.py): one per block, unless a
+        # structural flag runs some differently (use_multi_scale's hourglass). Stages own no
+        # parameters, so the weights keep their names with the flag on or off.
+        self.stages: list = plain_stages(cfg.n_layers)
         # per-token depth policies installed by flags (use_act, use_early_exit): objects with
         # begin / after_layer / finish (models/layers/depth.py). Empty: every token runs every
-        # layer on the plain path below.
+        # layer.
         self.depth_policies: list = []
 
     @staticmethod
@@ -415,14 +418,7 @@ class ResNetBKLM(LanguageModel):
         T = self.check_input(idx)
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        if self.depth_policies:   # (runs the hourglass too, when there is one)
-            return self.ln_f(run_depth(self, x, self.depth_policies))
-        if self.stack is not None:
-            x = self.stack(self.blocks, x)
-        else:
-            for block in self.blocks:
-                x = block(x)
-        return self.ln_f(x)
+        return self.ln_f(run_stack(self, x))
 
     def auxiliary_loss(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        world: int = 1) -> torch.Tensor | None:

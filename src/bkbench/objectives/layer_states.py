@@ -5,15 +5,17 @@ stream at each position. Forward hooks on the model's ``blocks`` keep the states
 forward (references to tensors autograd keeps anyway in training); nothing in the forward's
 arithmetic changes.
 
-Blocks that run on fewer positions (the middle blocks of ``use_multi_scale``'s hourglass) are
-read at full resolution, each pooled state standing for the positions it is upsampled to
-(the model's ``stack.upsample_state``), so that h_l and h_{l+1} are the states of one token.
+Blocks that run on fewer positions (a shortened stage, e.g. ``use_multi_scale``'s hourglass)
+are read at full resolution, as the stage that runs them says (``models/layers/stages.py``),
+so that h_l and h_{l+1} are the states of one token.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ..models.layers.stages import stage_of_layers
 
 
 class LayerStates:
@@ -40,26 +42,32 @@ class LayerStates:
     def _add(self, module, args, output) -> None:
         self.states.append(output)
 
+    def _stages(self) -> list:
+        """The stage that runs each block (only a block whose state is shorter than the
+        sequence needs one; a model without stages has none)."""
+        stages = getattr(self.model, "stages", None)
+        return stage_of_layers(stages) if stages is not None else []
+
     def stacked(self) -> torch.Tensor:
-        """(L + 1, B, T, d) states of the last forward, float32."""
+        """(L + 1, B, T, d) states of the last forward, float32; a shortened block's state
+        upsampled, each position standing for the ones it is upsampled to."""
         if not self.states:
             raise RuntimeError("no forward has run since the hooks were installed")
         length = self.states[0].shape[1]
-        stack = getattr(self.model, "stack", None)
-        full = [s if s.shape[1] == length else stack.upsample_state(s, length)
-                for s in self.states]
+        stages = self._stages()
+        full = [self.states[0]] + [s if s.shape[1] == length else stages[n].upsampled(s, length)
+                                   for n, s in enumerate(self.states[1:])]
         return torch.stack([s.float() for s in full])
 
-
     def full_resolution(self) -> list[torch.Tensor]:
-        """The L + 1 states of the last forward at full resolution, in their own dtype. A
-        middle block's pooled state is upsampled and added to the state that entered the
-        shortened middle: for the last middle block that is exactly what the next block gets."""
-        length = self.states[0].shape[1]
-        stack = getattr(self.model, "stack", None)
-        return [s if s.shape[1] == length
-                else self.states[stack.first_middle] + stack.upsample_state(s, length)
-                for s in self.states]
+        """The L + 1 states of the last forward at full resolution, in their own dtype: each
+        as the next block sees it (a shortened block's state upsampled and added to the state
+        that entered its stage: for the stage's last block, exactly the next block's input)."""
+        length, stages = self.states[0].shape[1], self._stages()
+        return [self.states[0]] + [
+            s if s.shape[1] == length
+            else stages[n].resolved(s, self.states[stages[n].layers.start], length)
+            for n, s in enumerate(self.states[1:])]
 
 
 def held_out_windows(split: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ are *depth policies*: objects on ``ResNetBKLM.depth_policies`` with three method
                                             (a policy only ever clears bits)
 ``finish(model, x)``                        the state given to the final LayerNorm
 
-When a model has policies, :func:`run_depth` runs its blocks through :class:`TokenSkip`:
+When a model has policies, :func:`run_depth` runs its stages (``models/layers/stages.py``)
+with a :class:`TokenSkip`:
 
 * the feed-forward (LayerNorm + MoE, the bulk of a layer's work) runs only on the running
   tokens: their rows are gathered (``index_select``), padded with zero rows to a multiple of
@@ -79,37 +80,32 @@ class TokenSkip:
 
 
 def run_depth(model: nn.Module, x: torch.Tensor, policies: list) -> torch.Tensor:
-    """The blocks of ``model`` on embeddings ``x`` under depth ``policies``; the state before
-    the final norm."""
+    """The blocks of ``model`` (its ``stages``) on embeddings ``x`` under depth ``policies``;
+    the state before the final norm. The policies see each block's output, in block order."""
     skip = TokenSkip(x)
     for policy in policies:
         policy.begin(model, x)
-    stack = getattr(model, "stack", None)   # use_multi_scale's hourglass, if on
-    n = 0
-    while n < len(model.blocks):
-        if stack is not None and n == stack.first_middle:
-            # The shortened middle pools k neighbouring tokens into one position, so no single
-            # token can skip it: every position runs the middle blocks, and a token that has
-            # stopped keeps its state (its own bit, hence causal). Only the full-resolution
-            # layers save work; the policies then see each middle layer's output as the
-            # middle's full-resolution result.
-            layers = range(stack.first_middle, stack.end_middle)
-            x = torch.where(skip.running.view(*x.shape[:2], 1), stack.middle(model.blocks, x), x)
-            groups = -(-x.shape[1] // stack.factor)
-            skip.rows_per_layer.extend([x.shape[0] * groups] * len(layers))
-        else:
-            layers = range(n, n + 1)
-            x = model.blocks[n](x, skip)
-        for m in layers:
+    for stage in model.stages:
+        x = stage.run(model.blocks, x, skip)
+        for n in stage.layers:
             running = skip.running
             for policy in policies:
-                running = policy.after_layer(model, m, x, running)
+                running = policy.after_layer(model, n, x, running)
             skip.running = running
-        n = layers[-1] + 1
     for policy in policies:
         x = policy.finish(model, x)
     model.last_rows_per_layer = list(skip.rows_per_layer)
     return x
 
 
-__all__ = ["ROW_MULTIPLE", "TokenSkip", "run_depth", "gather_rows"]
+def run_stack(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s blocks on embeddings ``x``, stage by stage: through :func:`run_depth` when
+    it has depth policies, plainly (every token every block) when it has none."""
+    if model.depth_policies:
+        return run_depth(model, x, model.depth_policies)
+    for stage in model.stages:
+        x = stage.run(model.blocks, x)
+    return x
+
+
+__all__ = ["ROW_MULTIPLE", "TokenSkip", "run_depth", "run_stack", "gather_rows"]

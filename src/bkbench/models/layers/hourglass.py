@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .stages import BlockStage, plain_stages
+
 
 def shorten(x: torch.Tensor, factor: int, shift: int) -> torch.Tensor:
     """(B, N, d) -> (B, ceil(N/k), d): shift right by ``shift`` (zeros in front), mean-pool by k."""
@@ -31,68 +33,77 @@ def upsample(short: torch.Tensor, factor: int, length: int) -> torch.Tensor:
     return short.repeat_interleave(factor, dim=1)[:, :length]
 
 
-class HourglassStack(nn.Module):
-    """Runs a model's blocks as an hourglass; ``stack(blocks, x)`` (ResNetBKLM.stack).
+class ShortenedStage:
+    """The hourglass's middle: blocks ``first .. end - 1`` on the sequence shortened by k,
+    upsampled and added to the state that entered (a stage, ``models/layers/stages.py``).
 
     ``shift`` defaults to k - 1; any smaller value sees the future and exists for the test
     that shows the audit catching it.
     """
 
-    def __init__(self, factor: int, first_middle: int, end_middle: int, shift: int | None = None):
-        super().__init__()
+    def __init__(self, factor: int, first: int, end: int, shift: int | None = None):
         self.factor = factor
-        self.first_middle, self.end_middle = first_middle, end_middle
+        self.layers = range(first, end)
         self.shift = factor - 1 if shift is None else shift
 
-    def forward(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[:self.first_middle]:
-            x = block(x)
-        x = self.middle(blocks, x)
-        for block in blocks[self.end_middle:]:
-            x = block(x)
-        return x
-
-    def middle(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution state after the middle blocks: x + upsample(middle(shorten(x)))."""
+    def run(self, blocks: nn.ModuleList, x: torch.Tensor, skip=None) -> torch.Tensor:
         short = shorten(x, self.factor, self.shift)
-        for block in blocks[self.first_middle:self.end_middle]:
-            short = block(short)
-        return x + upsample(short, self.factor, x.shape[1])
+        for n in self.layers:
+            short = blocks[n](short)
+        out = x + upsample(short, self.factor, x.shape[1])
+        if skip is None:
+            return out
+        # The shortened middle pools k neighbouring tokens into one position, so no single
+        # token can skip it: every position runs the middle blocks, and a token that has
+        # stopped keeps its state (its own bit, hence causal). Only the full-resolution
+        # blocks save work.
+        skip.rows_per_layer.extend([x.shape[0] * short.shape[1]] * len(self.layers))
+        return torch.where(skip.running.view(*x.shape[:2], 1), out, x)
 
-    def upsample_state(self, short: torch.Tensor, length: int) -> torch.Tensor:
-        """A middle block's (B, G, d) state at full resolution (for per-layer objectives)."""
-        return upsample(short, self.factor, length)
+    def upsampled(self, state: torch.Tensor, length: int) -> torch.Tensor:
+        return upsample(state, self.factor, length)
 
-    def positions_per_block(self, n_blocks: int, length: int) -> list[int]:
-        short = math.ceil(length / self.factor)
-        return [short if self.first_middle <= i < self.end_middle else length
-                for i in range(n_blocks)]
+    def resolved(self, state: torch.Tensor, entering: torch.Tensor, length: int) -> torch.Tensor:
+        return entering + upsample(state, self.factor, length)
 
-    def extra_repr(self) -> str:
-        return (f"factor={self.factor}, middle=blocks[{self.first_middle}:{self.end_middle}], "
-                f"shift={self.shift}")
+    def positions(self, length: int) -> int:
+        return math.ceil(length / self.factor)
+
+    def __repr__(self) -> str:
+        return (f"ShortenedStage(factor={self.factor}, blocks[{self.layers.start}:"
+                f"{self.layers.stop}], shift={self.shift})")
+
+
+def hourglass_stages(n_blocks: int, factor: int, outer_layers: int,
+                     shift: int | None = None) -> list:
+    """``outer_layers`` blocks at full resolution at each end, the blocks between them as one
+    shortened stage."""
+    if n_blocks < 2 * outer_layers + 1:
+        raise ValueError(f"use_multi_scale: {n_blocks} blocks leave no middle block with "
+                         f"outer_layers={outer_layers}")
+    end = n_blocks - outer_layers
+    return (plain_stages(n_blocks)[:outer_layers]
+            + [ShortenedStage(factor, outer_layers, end, shift)]
+            + plain_stages(n_blocks)[end:])
 
 
 def apply_hourglass(model: nn.Module, factor: int, outer_layers: int,
-                    shift: int | None = None) -> HourglassStack:
-    """Make ``model`` (a ResNetBKLM) run its blocks as an hourglass; returns the stack."""
+                    shift: int | None = None) -> ShortenedStage:
+    """Make ``model`` (a ResNetBKLM) run its blocks as an hourglass; returns the middle stage."""
     blocks = getattr(model, "blocks", None)
-    if not hasattr(model, "stack") or blocks is None:
-        raise ValueError("use_multi_scale needs a ResNet-BK model (blocks run through model.stack)")
-    if model.stack is not None:
+    if not hasattr(model, "stages") or blocks is None:
+        raise ValueError("use_multi_scale needs a ResNet-BK model (blocks run as model.stages)")
+    if any(not isinstance(stage, BlockStage) for stage in model.stages):
         raise ValueError("use_multi_scale: another flag already runs this model's blocks")
-    if len(blocks) < 2 * outer_layers + 1:
-        raise ValueError(f"use_multi_scale: {len(blocks)} blocks leave no middle block with "
-                         f"outer_layers={outer_layers}")
-    model.stack = HourglassStack(factor, outer_layers, len(blocks) - outer_layers, shift)
-    return model.stack
+    model.stages = hourglass_stages(len(blocks), factor, outer_layers, shift)
+    return next(s for s in model.stages if isinstance(s, ShortenedStage))
 
 
 @contextmanager
 def without_hourglass(model: nn.Module):
     """The plain stack (every block at full resolution) inside, the hourglass again after."""
-    stack, model.stack = model.stack, None
+    stages, model.stages = model.stages, plain_stages(len(model.blocks))
     try:
         yield
     finally:
-        model.stack = stack
+        model.stages = stages

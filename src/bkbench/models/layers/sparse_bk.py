@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..resnet_bk import EXPERT_ROW_MULTIPLE, BKMixer, _PermuteRows
+from ..resnet_bk import EXPERT_ROW_MULTIPLE, BKMixer, PermuteRows
 
 
 def padded_chain_length(longest: int, batch: int) -> int:
@@ -71,9 +71,9 @@ class SparseBKMixer(BKMixer):
         rank = torch.cumsum(routed.to(torch.long), dim=1) - 1
         to_token = torch.where(routed, rows * M + rank, B * M).reshape(-1)          # (B*T,)
 
-        chain = _PermuteRows.apply(f.reshape(B * T, d), to_chain, to_token, True, True)
+        chain = PermuteRows.apply(f.reshape(B * T, d), to_chain, to_token, True, True)
         out = super().forward(chain.reshape(B, M, d))                               # (B, M, d)
-        out = _PermuteRows.apply(out.reshape(B * M, d).to(f.dtype), to_token, to_chain, True, True)
+        out = PermuteRows.apply(out.reshape(B * M, d).to(f.dtype), to_token, to_chain, True, True)
         self.last_gate, self.last_routed = gate, routed
         self.last_counts, self.last_chain_length = counts, M
         return out.reshape(B, T, d) * gate.unsqueeze(-1).to(f.dtype)
