@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bkbench.config import BenchmarkConfig
 from bkbench.flags import build_model
 from bkbench.metrics.flops import measure_step_flops
-from bkbench.models.layers.sparse_bk import layer_stats, sparse_mixers
+from bkbench.models.layers.sparse_bk import chain_routers, layer_stats
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             if r:
                 times.append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-        mixers = sparse_mixers(model)
+        mixers = chain_routers(model)
         share = (f"{sum(s['share'] for s in layer_stats(mixers)) / len(mixers):.3f}"
                  if mixers else "-")
         print(f"{name:12} {rep.forward:12.4e} {rep.backward:12.4e} "

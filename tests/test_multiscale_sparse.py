@@ -13,7 +13,6 @@ from bkbench.flags import build_model
 from bkbench.metrics.flops import measure_forward_flops
 from bkbench.models.layers import sparse_bk as sbk
 from bkbench.models.layers.hourglass import ShortenedStage, apply_hourglass, without_hourglass
-from bkbench.models.resnet_bk import BKMixer
 from bkbench.train import Trainer, TrainingInterrupted, seed_everything
 
 from conftest import make_corpus
@@ -48,7 +47,7 @@ def force_routing(model, pattern):
     """Make every router route exactly the tokens where ``pattern`` (B, T) is True."""
     def hook(module, args, out):
         return torch.where(pattern, 5.0, -5.0).unsqueeze(-1).to(out.dtype) + 0 * out
-    return [m.router.register_forward_hook(hook) for m in sbk.sparse_mixers(model)]
+    return [r.register_forward_hook(hook) for r in sbk.chain_routers(model)]
 
 
 # --- the flags change what runs ------------------------------------------------------------
@@ -135,7 +134,7 @@ def test_causal_with_the_part_one_flags_and_in_the_evaluated_model():
         evaluated = flags.prepare_for_eval(model)
         assert audit_causality(evaluated, V, seq_len=16, modes=("eval",)).causal
     assert any(isinstance(s, ShortenedStage) for s in evaluated.stages)
-    assert isinstance(evaluated.blocks[1].bk, sbk.SparseBKMixer)
+    assert isinstance(evaluated.blocks[1].bk.router, sbk.ChainRouter)
 
 
 def test_layer_objectives_read_the_middle_states_at_full_resolution():
@@ -175,14 +174,15 @@ def test_chain_length_is_the_routed_count_and_unrouted_tokens_get_no_mixer_outpu
         model(tokens(batch=B, seq=T))
     counts = pattern.sum(1)
     assert chains == [(B, 1, int(counts.max()))] * 4   # every layer: the longest routed chain
-    assert torch.equal(mixer.last_counts, counts) and torch.equal(mixer.last_routed, pattern)
+    router = mixer.router
+    assert torch.equal(router.last_counts, counts) and torch.equal(router.last_routed, pattern)
     out, f = captured["out"], captured["f"]
     assert (out[~pattern] == 0).all()
     with torch.no_grad():
         for b in (1, 2, 3):      # a routed token's output: the BK mixer on its sequence's chain
             pos = pattern[b].nonzero().squeeze(1)
-            alone = BKMixer.forward(mixer, f[b, pos].unsqueeze(0))[0]
-            gate = mixer.last_gate[b, pos].unsqueeze(-1)
+            alone = mixer.mix(f[b, pos].unsqueeze(0))[0]
+            gate = router.last_gate[b, pos].unsqueeze(-1)
             torch.testing.assert_close(out[b, pos], alone * gate, rtol=1e-5, atol=1e-6)
 
 
@@ -198,7 +198,7 @@ def test_share_loss_pulls_the_router_toward_the_target():
     t = trainer(cfg)
     t.model.train()
     _, terms = t.compute_loss(tokens(), tokens(seed=2))
-    share = sum(m.last_routed.float().mean().item() for m in sbk.sparse_mixers(t.model)) / 4
+    share = sum(r.last_routed.float().mean().item() for r in sbk.chain_routers(t.model)) / 4
     assert terms["sparse_bk"].item() > 0 and share > 0.25
     bias = t.model.blocks[0].bk.router.bias
     (grad,) = torch.autograd.grad(terms["sparse_bk"], [bias])

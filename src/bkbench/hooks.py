@@ -69,8 +69,6 @@ class RunContext:
     sync: Callable[[], None]         # wait for the device (before reading a clock)
     # the training objective of one batch: (loss, named terms), as the trainer computes it
     compute_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-    # this rank's shard of the given training windows: (inputs, targets), no flag consulted
-    window_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     autocast: Callable[[], AbstractContextManager]   # the flags' autocast for a forward
     # a flag removed parameters: rewrap DDP; True also forgets the best epoch's weights
     structure_changed: Callable[[bool], None]

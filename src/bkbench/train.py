@@ -337,7 +337,7 @@ class Trainer:
             progress=self.progress, total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch, num_windows=self.num_windows, world=self.world,
             evaluate=self.evaluate, sync=self._sync, compute_loss=self.compute_loss,
-            window_batch=self.window_batch, autocast=lambda: self.flags.autocast(self.device),
+            autocast=lambda: self.flags.autocast(self.device),
             structure_changed=self.model_structure_changed,
             build_model=lambda: build_model(self.config, self._vocab_size()))
 

@@ -46,10 +46,12 @@ What it records
     weights both ways; eval-forward time with and without.
 
 With other flags
-    The mixer keeps the plain mixer's parameters under their names (blocks.<i>.bk.*) and adds
-    ``router``; use_analytic_gradient and use_mixed_precision act on it as on a BK mixer.
-    use_quantization, applied before this flag in registry order, fake-quantizes the mixer's
-    projections but leaves the router a float Linear (d + 1 parameters per layer).
+    The router is set on the BK mixer itself (``blocks.<i>.bk.router``; the mixer keeps its
+    parameters and hooks), so use_analytic_gradient and use_mixed_precision act on it as on a
+    BK mixer: under mixed precision the router and the routed chain run in float32 with the
+    rest of the mixer. use_quantization, applied before this flag in registry order,
+    fake-quantizes the mixer's projections but leaves the router a float Linear (d + 1
+    parameters per layer).
 
 Causality
     Routing is a function of each token's own state, so the chain of routed tokens up to t
@@ -73,7 +75,7 @@ import torch.nn as nn
 
 from ..hooks import Flag, RunContext
 from ..metrics.with_without import forward_with_and_without
-from ..models.layers.sparse_bk import SparseBKMixer, dense_mixers, layer_stats, sparse_mixers
+from ..models.layers.sparse_bk import add_routers, chain_routers, dense_mixers, layer_stats
 from ..models.resnet_bk import BKMixer
 from ..objectives.layer_states import held_out_windows
 from .meter import EpochMeter
@@ -107,8 +109,7 @@ class SparseBK(Flag):
         blocks = getattr(model, "blocks", None)
         if blocks is None or not all(isinstance(getattr(b, "bk", None), BKMixer) for b in blocks):
             raise ValueError("use_sparse_bk needs a ResNet-BK model (a BK mixer in every block)")
-        for block in blocks:
-            block.bk = SparseBKMixer(block.bk)
+        add_routers(model)
         model.flops_vary_per_step = True     # the chain lengths follow the routing
         layers = len(blocks)
         self.meter = EpochMeter(term=0.0, share_per_layer=[0.0] * layers)
@@ -120,14 +121,14 @@ class SparseBK(Flag):
     def loss_terms(self, model, inputs, targets, step):
         target = self.settings.target_share
         terms = []
-        for m in sparse_mixers(model):
-            hard = m.last_routed.to(m.last_gate.dtype)
-            share = (hard + m.last_gate - m.last_gate.detach()).mean()   # straight-through
+        for r in chain_routers(model):
+            hard = r.last_routed.to(r.last_gate.dtype)
+            share = (hard + r.last_gate - r.last_gate.detach()).mean()   # straight-through
             terms.append((share - target) ** 2)
         return {"sparse_bk": self.settings.weight * torch.stack(terms).mean()}
 
     def after_optimizer_step(self, run: RunContext, terms) -> None:
-        stats = layer_stats(sparse_mixers(run.model))
+        stats = layer_stats(chain_routers(run.model))
         share = [s["share"] for s in stats]
         self.meter.add(term=terms["sparse_bk"].item(), share_per_layer=share)
         self.total.add(share=share, routed_length=[s["mean_routed_length"] for s in stats],
@@ -143,7 +144,7 @@ class SparseBK(Flag):
         model.eval()
         try:
             model(windows.to(device), return_features=True)
-            stats = layer_stats(sparse_mixers(model))
+            stats = layer_stats(chain_routers(model))
         finally:
             model.train(was)
         return {"windows": int(windows.shape[0]),
@@ -167,8 +168,8 @@ class SparseBK(Flag):
         return {"target_share": self.settings.target_share, "train": train,
                 "held_out": self.held_out(model, run.data.valid, run.device),
                 "term_per_epoch": self.meter.epochs,
-                "router_parameters": sum(p.numel() for m in sparse_mixers(model)
-                                         for p in m.router.parameters()),
+                "router_parameters": sum(p.numel() for r in chain_routers(model)
+                                         for p in r.parameters()),
                 **measured}
 
     def state_dict(self) -> dict[str, Any]:

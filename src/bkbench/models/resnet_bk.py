@@ -19,7 +19,8 @@ structural flag runs some differently (``use_multi_scale``'s shortened middle). 
 tokens stop computing before the last layer (``use_act``, ``use_early_exit``) install *depth
 policies* on ``depth_policies``; the stages then run through ``models/layers/depth.py``, which
 runs the feed-forward on the still-running tokens' gathered rows only and keeps every position
-in the BK chain.
+in the BK chain. A BK mixer's chain is every position unless a router (``use_sparse_bk``)
+chooses its sites.
 
 ``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
 future, is not a valid language model, and exists to be studied (the causality audit fails it).
@@ -335,6 +336,9 @@ class BKMixer(nn.Module):
         self.eps_raw = nn.Parameter(torch.full((K,), inverse_softplus(cfg.bk_eps)))
         self.feature_proj = nn.Linear(2 * K, cfg.d_model)
         self.scale = nn.Parameter(torch.full((cfg.d_model,), float(cfg.bk_scale_init)))
+        # which positions are sites of the chain: None, every position; use_sparse_bk sets a
+        # router here (models/layers/sparse_bk.py) whose ``sites(f)`` gathers the chosen ones
+        self.router: nn.Module | None = None
 
     def eps(self) -> torch.Tensor:
         return F.softplus(self.eps_raw)
@@ -347,6 +351,14 @@ class BKMixer(nn.Module):
                               causal=self.causal, analytic_gradient=self.analytic_gradient)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        sites = self.router.sites(f) if self.router is not None else None
+        if sites is None:
+            return self.mix(f)
+        # the chain of the chosen sites only: gathered, mixed, scattered back
+        return sites.scatter(self.mix(sites.gather(f)))
+
+    def mix(self, f: torch.Tensor) -> torch.Tensor:
+        """The mixer on a chain whose every position is a site: (B, T, d) -> (B, T, d)."""
         g = self.resolvent(f)
         features = torch.cat([g.real, g.imag], dim=1).transpose(1, 2)   # (B, T, 2K)
         return self.scale * self.feature_proj(features)
