@@ -93,8 +93,24 @@ def test_act_halting_after_layer_1_runs_only_layer_1s_feed_forward():
     assert fl_act == pytest.approx(fl_plain / L, rel=1e-9)
 
 
+def test_act_starts_at_full_depth_and_records_it():
+    """At the default initialisation every token runs every layer at step 1 (and keeps its
+    feed-forward rows); the record says so. bias 0 would halt most tokens after 2 layers."""
+    t = trainer(config(use_act=True, max_steps=2))
+    inputs, targets = tokens()
+    t.model.train()
+    rows = moe_rows(t.model, lambda: t.compute_loss(inputs, targets)[0].backward())
+    assert rows == [B * N] * L
+    assert torch.equal(t.model.flag_modules["act"].last_layers, torch.full((B * N,), L))
+    outcome = t.fit()
+    rec = t.flags.record(t.context, outcome)["use_act"]["measured"]
+    first = rec["train_first_step"]
+    assert first["mean_layers_used"] == L and first["tokens"] == 8 * 16
+    assert first["layers_used_histogram"] == {**{str(i): 0 for i in range(1, L)}, str(L): 8 * 16}
+
+
 def test_act_with_mixed_halting_gathers_the_running_rows_only():
-    model, _ = built(config(use_act=True))   # bias 0: halting after 2 or 3 layers
+    model, _ = built(config(use_act=True, act_bias_init=0.0))   # halting after 2 or 3 layers
     model.eval()
     inputs, _ = tokens()
     rows = moe_rows(model, lambda: model(inputs))
@@ -298,8 +314,10 @@ def test_checkpoint_resume_is_bit_identical_with_act_and_early_exit(tmp_path):
 
 
 def test_smoke_run_records_what_the_flags_measured(tmp_path):
-    t = trainer(config(use_act=True, use_early_exit=True, early_exit_candidates="0.9,-1",
-                       early_exit_tolerance=1e9), run_dir=tmp_path)
+    # halting bias 0: tokens halt early, so the held-out FLOPs must show the saving
+    t = trainer(config(use_act=True, use_early_exit=True, act_bias_init=0.0,
+                       early_exit_candidates="0.9,-1", early_exit_tolerance=1e9),
+                run_dir=tmp_path)
     outcome = t.fit()
     rec = t.flags.record(t.context, outcome)
     act = rec["use_act"]["measured"]

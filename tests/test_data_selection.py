@@ -61,14 +61,35 @@ def test_curriculum_ranks_by_score_and_paces_the_first_batches_to_the_easiest():
     assert scores[order[:n]].mean() < scores[plain[:n]].mean()
 
 
-def test_full_competence_draws_from_every_window():
+def test_each_batch_is_drawn_from_the_easiest_competence_share_as_documented():
+    """Oracle: batch b of epoch e is batch_size windows drawn without replacement from the
+    easiest max(bs, ceil(c(s) N)) windows, by the documented generator. A curriculum that
+    did nothing (the trainer's permutation) or drew from the wrong pool fails, at partial
+    competence and at full competence alike."""
+    for c0, full_at in ((0.2, 1.0), (1.0, 0.5)):
+        t = trainer(config(use_curriculum=True, curriculum_initial_competence=c0,
+                           curriculum_full_at=full_at, epochs=2))
+        flag = t.flags.flags["use_curriculum"]
+        n, bs, spe = t.num_windows, 8, t.steps_per_epoch
+        for epoch in range(2):
+            order = t.epoch_order(epoch)
+            g = torch.Generator().manual_seed(t.config.seed * 1_000_003 + 7919 * epoch + 17)
+            expected = []
+            for b in range(spe):
+                c = competence(epoch * spe + b, c0, max(1.0, full_at * t.total_steps))
+                pool = min(n, max(bs, math.ceil(c * n)))
+                expected.append(flag.ranking[torch.randperm(pool, generator=g)[:bs]])
+            assert torch.equal(order, torch.cat(expected)), (c0, epoch)
+    # at full competence the draws are from every window: the hard half is fed about as
+    # often as the easy half (with replacement across steps, unlike the trainer's order)
     t = trainer(config(use_curriculum=True, curriculum_initial_competence=1.0, epochs=4))
     flag = t.flags.flags["use_curriculum"]
     assert flag.competence_at(t.context, 0) == 1.0
     seen = torch.cat([t.epoch_order(e) for e in range(4)])
-    # c = 1: the pool is all windows, so the hard half is fed too (not only the easy half)
-    hard = set(flag.ranking[t.num_windows // 2:].tolist())
-    assert len(hard & set(seen.tolist())) > len(hard) // 2
+    rank_of = torch.empty(t.num_windows, dtype=torch.long)
+    rank_of[flag.ranking] = torch.arange(t.num_windows)
+    hard_share = (rank_of[seen] >= t.num_windows // 2).float().mean().item()
+    assert 0.4 < hard_share < 0.6
 
 
 def test_competence_schedule_equals_the_formula():
@@ -111,75 +132,83 @@ def test_difficulty_scores_read_the_training_split_only():
 
 # --- active learning ------------------------------------------------------------------------
 
-def test_active_learning_trains_on_the_fraction_and_counts_selection_flops():
-    cfg = config(use_active_learning=True, active_learning_fraction=0.25,
+def test_active_learning_selects_by_the_training_steps_own_losses():
+    """No scoring forward: the model runs once per step on the batch it trains on; the table
+    holds each fed window's NLL under the weights of the step that trained on it; each round
+    feeds its pool's highest latest losses (unseen windows first)."""
+    from bkbench.eval import target_nll
+    cfg = config(use_active_learning=True, active_learning_fraction=0.25, dropout=0.0,
                  active_learning_every=2, active_learning_random_share=0.0)
     t = trainer(cfg)
     flag = t.flags.flags["use_active_learning"]
-    fed, scored = [], []
-    train_rows = [0]
-    t.model.register_forward_hook(
-        lambda m, args, out: train_rows.__setitem__(0, train_rows[0] + args[0].shape[0])
-        if m.training else None)
-    score = flag._score
+    rows = [0]
+    t.model.register_forward_hook(lambda m, args, out: rows.__setitem__(0, rows[0] + args[0].shape[0]))
+    rounds, oracle = [], {}
+    select = flag._select_round
 
-    def spy(run, windows):
-        losses = score(run, windows)
-        scored.append((windows.clone(), losses))
-        return losses
-    flag._score = spy
-    batch_windows = flag.batch_windows
+    def spy_round(run, epoch, order, rnd):
+        at = rnd * 2 * 8
+        pool = order[(at + torch.arange(64)) % order.numel()]
+        before = flag.table.priority(pool).clone() if flag.table is not None else None
+        chosen = select(run, epoch, order, rnd)
+        rounds.append((pool, before, chosen))
+        return chosen
+    flag._select_round = spy_round
+    step = t.train_step
 
-    def spy_batch(*a):
-        w = batch_windows(*a)
-        fed.append(w.clone())
-        return w
-    flag.batch_windows = spy_batch
+    def spy_step(inputs, targets):
+        with torch.no_grad():
+            t.model.eval()
+            nll = target_nll(t.model, inputs, targets, reduction="none").mean(dim=1)
+        oracle[t.progress.step] = (flag.fed_now.clone(), nll)
+        counted = rows[0]
+        out = step(inputs, targets)
+        assert rows[0] - counted == inputs.shape[0]          # one forward of the batch
+        return out
+    t.train_step = spy_step
     out = t.fit()
-    trained_rows = train_rows[0]   # before record(), whose FLOP measurement runs a step too
     rec = flag.record(t.context, out)
-    n_fed = sum(w.numel() for w in fed)
-    n_scored = sum(w.numel() for w, _ in scored)
-    assert n_fed == trained_rows == out.steps * 8
-    assert n_fed / n_scored == pytest.approx(0.25, abs=0.02)   # the last round is cut by the epoch
-    assert rec["fraction_actual"] == 0.25 and rec["windows_fed"] == n_fed
-    assert rec["windows_scored"] == n_scored
-    # random_share 0: the windows fed in a round are its pool's highest-loss ones
-    pool, losses = scored[0]
-    first_round = torch.cat(fed[:2])
-    chosen = torch.isin(pool, first_round)
-    assert chosen.sum() == 16 and losses[chosen].min() >= losses[~chosen].max()
-    # selection FLOPs: passes x the counter's FLOPs of one scoring forward
-    per_pass = measure_forward_flops(t.model, 8, 16, V, seed=cfg.seed)["forward"]
-    assert rec["scoring_passes"] == n_scored // 8 > 0
-    assert rec["per_pass_flops"] == per_pass > 0
-    assert rec["selection_flops"] == rec["scoring_passes"] * per_pass
-    assert 0 < rec["selection_flops_share"] < 1 and rec["selection_seconds"] > 0
+    checked = 0
+    for s, (windows, nll) in oracle.items():
+        if torch.equal(flag.table.step[windows], torch.full((8,), s)):   # not fed again since
+            assert torch.allclose(flag.table.loss[windows].float(), nll, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked >= 5
+    # random_share 0: a round feeds the top 16 of its pool of 64 by latest loss
+    for pool, before, chosen in rounds[1:]:
+        picked = torch.isin(pool, chosen)
+        assert before[picked].min() >= before[~picked].max()
+    assert rec["selection_flops"] == 0 and rec["scoring_passes"] == 0
+    assert rec["windows_fed"] == out.steps * 8 and rec["fraction_actual"] == 0.25
+    assert rec["windows_considered"] == rec["rounds"] * 64   # the last round is cut by the epoch
+    assert 0 < rec["selected_by_known_loss_share"] <= 1
 
 
-def test_other_flags_records_start_no_selection_round():
-    """The records are taken after training; the mixed-precision timing once fetched its batch
-    through trainer.batch, which ran one more active-learning round (2 scoring passes, an
-    epoch 'n + 1' in the record) and charged it to the run's selection FLOPs."""
-    cfg = config(arch="resnet_bk", use_active_learning=True, use_mixed_precision=True,
-                 active_learning_every=1, mixed_precision_timing_steps=1)
+def test_active_learning_selects_within_the_curriculums_pacing():
+    """Declared composition: the pool is the curriculum's order at the round's position, so
+    no window is fed before the curriculum admits it (the pool of the old flag, drawn from the
+    whole epoch, fed hard windows at the first steps)."""
+    cfg = config(use_curriculum=True, use_active_learning=True, curriculum_initial_competence=0.1,
+                 curriculum_full_at=1.0, active_learning_random_share=0.5, epochs=2)
     t = trainer(cfg)
-    out = t.fit()
-    records = t.flags.record(t.context, out)
-    rec = records["use_active_learning"]["measured"]
-    assert rec["rounds"] == out.steps
-    assert [e["epoch"] for e in rec["epochs"]] == [1, 2]
-    assert rec["scoring_passes"] == out.steps * 2          # fraction 0.5: a pool of 2 batches
-    assert records["use_mixed_precision"]["measured"]["autocast_dtype"] == "bfloat16"
+    cur, al = t.flags.flags["use_curriculum"], t.flags.flags["use_active_learning"]
+    fed = []
+    batch_windows = al.batch_windows
 
-
-def test_scoring_leaves_the_model_in_training_mode_without_gradients():
-    t = trainer(config(use_active_learning=True))
-    flag = t.flags.flags["use_active_learning"]
-    t.model.train()
-    losses = flag._score(t.context, torch.arange(16))
-    assert t.model.training and not losses.requires_grad
-    assert all(p.grad is None for p in t.model.parameters())
+    def spy(run, epoch, order, index):
+        w = batch_windows(run, epoch, order, index)
+        fed.append((t.progress.step, w.clone()))
+        return w
+    al.batch_windows = spy
+    t.fit()
+    pool_batches = al.settings.pool_batches()
+    n = t.num_windows
+    for step, windows in fed:
+        last = min(step + pool_batches - 1, t.total_steps - 1)
+        eligible = cur.ranking[:max(8, math.ceil(cur.competence_at(t.context, last) * n))]
+        assert torch.isin(windows, eligible).all(), step
+    # the first steps feed only a small easy share: the pacing is felt
+    assert math.ceil(cur.competence_at(t.context, pool_batches) * n) < n / 2
 
 
 # --- both -----------------------------------------------------------------------------------
@@ -300,6 +329,6 @@ def test_results_file_has_a_selection_flops_line_in_total_flops(shared_data_dir,
     r = WikiText2Benchmark(tmp_path, progress=False).run_benchmark(cfg)
     measured = r.flags["use_active_learning"]["measured"]
     sel = r.flops["selection"]
-    assert sel["total"] == measured["selection_flops"] == \
-        measured["scoring_passes"] * measured["per_pass_flops"] > 0
-    assert r.total_flops == r.flops["training"]["total"] + sel["total"]
+    # no scoring forward: the selection reuses the training steps' own losses
+    assert sel["total"] == measured["selection_flops"] == measured["scoring_passes"] == 0
+    assert r.total_flops == r.flops["training"]["total"]

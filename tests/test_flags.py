@@ -77,7 +77,33 @@ def test_analytic_gradient_is_applied_by_the_flag_and_records_timings():
     m = rec["measured"]
     assert rec["settings"] == {"timing_repeats": 2}
     assert "adjoint" in m["backward_path"] and m["timed_shape"] == [4, 1, 16]
-    assert m["bk_core_backward_ms"]["analytic"] > 0 and m["bk_core_backward_ms"]["autograd"] > 0
+
+
+def test_analytic_gradient_record_times_each_path_as_its_own(monkeypatch):
+    """A fake clock that each BK-Core path advances by its own known cost: the record must
+    report each path's forward and backward under its name (not swapped, not one path twice),
+    the median of interleaved calls, and their ratio."""
+    from bkbench.flags import analytic_gradient as ag
+    clock = {"now": 0.0}
+    cost = {True: (1e-3, 2e-3), False: (3e-3, 8e-3)}     # (forward, backward) seconds
+    calls = []
+
+    def fake_resolvent_diag(v, h0, t, *, analytic_gradient, **kw):
+        calls.append(analytic_gradient)
+        clock["now"] += cost[analytic_gradient][0]
+        out = (v * 1.0).to(torch.complex64)
+        out.register_hook(lambda g: clock.__setitem__("now", clock["now"]
+                                                      + cost[analytic_gradient][1]))
+        return out
+
+    monkeypatch.setattr(ag, "resolvent_diag", fake_resolvent_diag)
+    monkeypatch.setattr(ag.time, "perf_counter", lambda: clock["now"])
+    on = trainer_for(bk_config(use_analytic_gradient=True, analytic_gradient_timing_repeats=3))
+    m = on.flags["use_analytic_gradient"].record(on.context, None)
+    assert calls == [True, False] * 4                    # a warm-up pair, then 3 interleaved
+    assert m["bk_core_forward_ms"] == pytest.approx({"analytic": 1.0, "autograd": 3.0})
+    assert m["bk_core_backward_ms"] == pytest.approx({"analytic": 2.0, "autograd": 8.0})
+    assert m["backward_speedup"] == pytest.approx(4.0)
 
 
 class _ExtraMatmul(Flag):
@@ -100,7 +126,7 @@ def test_flag_loss_terms_are_trained_logged_and_counted(tmp_path):
     extra = trainer_for(cfg, run_dir=tmp_path)
     extra.flags = FlagSet({"extra": _ExtraMatmul()})
     loss, terms = extra.compute_loss(*extra.batch(extra.epoch_order(0), 0))
-    assert set(terms) == {"cross_entropy_sum", "moe_balance", "extra"}
+    assert set(terms) == {"cross_entropy_sum", "cross_entropy_per_window", "moe_balance", "extra"}
     extra.fit()
     lines = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     train = [l for l in lines if l["kind"] == "train"]

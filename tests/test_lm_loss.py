@@ -22,6 +22,28 @@ def _inputs(gen, lead, d, V, bias, dtype=torch.float64):
     return h, w, b, t
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_with_rows_returns_the_same_sum_and_gradients_and_the_per_target_nll(seed):
+    """with_rows (what a training step's data selection reads): the sum and its gradients
+    bit for bit those of reduction='sum', the rows those of the reference per target."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w, b, t = _inputs(gen, (3, 7), 5, 11, bias=seed != 1)
+    params = [x for x in (h, w, b) if x is not None]
+    plain = lm_head_nll(h, w, b, t, chunk_rows=4)
+    grads = torch.autograd.grad(plain, params)
+    total, rows = lm_head_nll(h, w, b, t, chunk_rows=4, with_rows=True)
+    assert torch.equal(total, plain) and rows.shape == t.shape and not rows.requires_grad
+    ref = F.cross_entropy(F.linear(h, w, b).reshape(-1, 11), t.reshape(-1), reduction="none")
+    torch.testing.assert_close(rows, ref.view(t.shape).detach(), rtol=1e-12, atol=1e-12)
+    for a, g in zip(torch.autograd.grad(total, params), grads):
+        assert torch.equal(a, g)
+    with torch.no_grad():
+        total_ng, rows_ng = lm_head_nll(h, w, b, t, chunk_rows=4, with_rows=True)
+    assert torch.equal(rows_ng, rows) and torch.equal(total_ng, rows_ng.sum())
+    with pytest.raises(ValueError, match="with_rows"):
+        lm_head_nll(h, w, b, t, reduction="none", with_rows=True)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_sum_and_gradients_match_reference(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -104,9 +104,21 @@ def _child_peak(batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_rss_figures_are_sane():
-    assert rss_bytes() > 1 << 20
-    assert peak_rss_bytes() >= rss_bytes() * 0.9
+def test_rss_follows_an_allocation_up_and_down_and_the_peak_keeps_it():
+    """128 MiB touched: the current RSS rises by about that and falls back when it is freed
+    (a large block is its own mapping, returned to the OS); the peak keeps the high point. A
+    figure that did not track this process's pages (a constant, the lifetime peak as the
+    current RSS, another process's) fails."""
+    size = 128 * 2**20
+    before = rss_bytes()
+    x = torch.ones(size // 4)                          # every page written
+    during = rss_bytes()
+    peak_during = peak_rss_bytes()
+    del x
+    after = rss_bytes()
+    assert 0.9 * size < during - before < 1.25 * size
+    assert during - after > 0.9 * size
+    assert peak_during >= during and peak_rss_bytes() >= before + 0.9 * size
 
 
 def test_peak_memory_cpu_sees_a_large_allocation():

@@ -71,21 +71,26 @@ def fused_head(model: nn.Module) -> Head | None:
 
 
 def target_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-               reduction: str = "sum", *, call: nn.Module | None = None) -> torch.Tensor:
+               reduction: str = "sum", *, call: nn.Module | None = None,
+               with_rows: bool = False):
     """NLL of ``targets`` (summed, or per target with ``reduction="none"``) in float32.
 
     A bkbench language model runs its LM head fused with the NLL, chunk by chunk
     (:mod:`bkbench.ops.lm_loss`: the logits never exist in full); any other module's logits go
     through ``F.cross_entropy``. ``call``: the module to run (e.g. a DDP wrapper of ``model``).
+    ``with_rows`` (``reduction="sum"``): ``(summed NLL, per-target NLL without gradient)``.
     """
     call = model if call is None else call
     head = fused_head(model)
     if head is not None:
         features = call(inputs, return_features=True)
-        return head.nll(features, targets, reduction=reduction)
+        return head.nll(features, targets, reduction=reduction, with_rows=with_rows)
     logits = call(inputs)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction=reduction)
+    flat = (logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if with_rows:
+        rows = F.cross_entropy(*flat, reduction="none")
+        return rows.sum(), rows.detach().view(targets.shape)
+    nll = F.cross_entropy(*flat, reduction=reduction)
     return nll.view(targets.shape) if reduction == "none" else nll
 
 

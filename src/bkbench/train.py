@@ -564,8 +564,11 @@ class Trainer:
         global_tokens = self.config.batch_size * self.config.n_seq
         with self.flags.autocast(self.device):
             # the LM head runs fused with the cross-entropy, chunk by chunk (ops.lm_loss)
-            ce_sum = target_nll(self.model, inputs, targets, call=self.ddp_model)
-        terms = {"cross_entropy_sum": ce_sum}
+            ce_sum, ce_rows = target_nll(self.model, inputs, targets, call=self.ddp_model,
+                                         with_rows=True)
+        # each window's mean NLL, a by-product of the same pass (no gradient): what a
+        # data-selection flag may reuse (active learning's latest losses)
+        terms = {"cross_entropy_sum": ce_sum, "cross_entropy_per_window": ce_rows.mean(dim=1)}
         loss = ce_sum * (self.world / global_tokens)
         aux = (self.model.auxiliary_loss(_sum_over_ranks, self.world) if self.distributed
                else self.model.auxiliary_loss())
@@ -606,7 +609,7 @@ class Trainer:
         self.scheduler.step()
         self.flags.after_optimizer_step(self.context, terms)
         self._last_terms = {k: v.detach().item() for k, v in terms.items()
-                            if k != "cross_entropy_sum"}
+                            if k != "cross_entropy_sum" and v.dim() == 0}
         ce = ce_sum.detach()
         if self.distributed:
             dist.all_reduce(ce)

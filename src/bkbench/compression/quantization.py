@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.layers.attached import attached_ids
 from ..ops.lm_loss import ACT_QMAX
-from ..ops.lm_loss.head import Head, current_weight
+from ..ops.lm_loss.head import Head
 
 
 def qmax_of(bits: int) -> int:
@@ -71,8 +71,7 @@ class QATLinear(nn.Module):
 
     def effective_head(self) -> Head:
         """The fake-quantized weight, and the per-token fake quantization of the input."""
-        # current_weight: a pruned layer's masked weight (pruning may wrap this layer too)
-        w = fake_quant_weight(current_weight(self), self.bits)
+        w = fake_quant_weight(self.weight, self.bits)
         b = self.bias.float() if self.bias is not None else None
         return Head(w, b, lambda x: fake_quant_tokens(x.float()))
 
@@ -109,9 +108,7 @@ class IntLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = qat.in_features, qat.out_features, qat.bits
         with torch.no_grad():
-            # a pruned layer's weight attribute is recomputed at each forward: use its parts
-            w = (qat.weight_orig * qat.weight_mask if hasattr(qat, "weight_mask")
-                 else qat.weight).detach().float()
+            w = qat.weight.detach().float()
             scale = weight_scale(w, self.bits)
             q = qmax_of(self.bits)
             w_int = torch.clamp(torch.round(w / scale[:, None]), -q, q).to(torch.int8)
@@ -191,10 +188,10 @@ def integer_model(model: nn.Module) -> nn.Module:
 
 
 def float_linear(qat: QATLinear) -> nn.Linear:
-    """The float32 Linear of a QAT layer's (masked) weights, quantizing nothing."""
+    """The float32 Linear of a QAT layer's weights, quantizing nothing."""
     linear = nn.Linear(qat.in_features, qat.out_features, bias=qat.bias is not None)
     with torch.no_grad():
-        linear.weight.copy_(current_weight(qat))
+        linear.weight.copy_(qat.weight)
         if qat.bias is not None:
             linear.bias.copy_(qat.bias)
     return linear

@@ -1,55 +1,68 @@
-"""``use_active_learning``: online batch selection by the current model's loss.
+"""``use_active_learning``: online batch selection by each window's latest training loss.
 
 What it does
-    Every ``active_learning_every`` steps (a *round* of k steps) the flag draws a candidate
-    pool of ceil(k / ``fraction``) batches of windows, uniformly without replacement from the
-    epoch's window order (seeded by run seed, epoch and round), scores every candidate by the
-    current model's mean cross-entropy on it (eval mode, no gradient, the same fused loss as
-    evaluation; the model is put back in training mode after), and trains the round's k
-    batches on k x batch_size of them: the highest-loss ones (the *top-loss* criterion of
-    Loshchilov & Hutter; not RHO-LOSS, which would need a second, irreducible-loss model),
-    except a ``random_share`` of the slots filled uniformly from the remaining candidates so
-    that the selection cannot collapse onto a few windows the model keeps failing on. The
-    selected windows are shuffled (seeded) before being cut into the round's batches.
-    So the model trains on ``fraction`` of the windows it scores (exactly k / ceil(k /
-    fraction); recorded).
+    Every training step's forward already computes the loss of every window it trains on;
+    the flag keeps the latest one per window (and the step that measured it) and selects by
+    it, as Loshchilov & Hutter's online batch selection ranks data points by their latest
+    known loss: no second, scoring forward is run. Every ``active_learning_every`` steps (a
+    *round* of k steps) the candidate pool is the next ceil(k / ``fraction``) batches of the
+    epoch's window order, starting at the round's first batch (wrapping around at the
+    epoch's end); the round's k batches are the k x batch_size candidates of highest latest
+    loss (a window never trained on ranks first: its loss is unknown, and measuring it is
+    what training it does), except a ``random_share`` of the slots filled uniformly from the
+    other candidates, so that the selection cannot collapse onto a few windows the model
+    keeps failing on. The selected windows are shuffled (seeded) before being cut into the
+    round's batches. The model trains on ``fraction`` of the windows it considers (exactly
+    k / ceil(k / fraction); recorded).
+
+    The latest loss of a window is that of the weights at the step that last trained on it:
+    older entries are staler (the model has improved since), which favours windows not
+    visited for a while; Loshchilov & Hutter refresh all losses periodically at the cost of
+    extra forwards, which this flag does not spend. The age of the losses it selected by is
+    recorded.
+
+Composition with ``use_curriculum``
+    The pool is a stretch of the epoch's order *at the round's position*, and with the
+    curriculum on that order is the curriculum's (it runs first in the registry): batch s of
+    it is drawn from the easiest c(s) share of the windows. So active learning selects
+    within the curriculum's current pacing (the pool spans the competence of the round's
+    next ceil(k / fraction) steps) and never feeds a window the curriculum has not yet
+    admitted; the curriculum decides *which* windows are eligible, active learning which of
+    them are worth the step. The curriculum samples with replacement across steps, so a pool
+    may hold a window twice.
 
 Papers
     I. Loshchilov, F. Hutter, "Online batch selection for faster training of neural networks",
-    ICLR workshop 2016; S. Mindermann et al., "Prioritized training on points that are
-    learnable, worth learning, and not yet learnt" (RHO-LOSS), ICML 2022 (the criterion not
-    used here, and why).
+    ICLR workshop 2016 (latest-loss ranking); A. Katharopoulos, F. Fleuret, "Not all samples
+    are created equal", ICML 2018, and A. H. Jiang et al., "Accelerating deep learning by
+    focusing on the biggest losers" (selective backprop), 2019, for the family.
 
 Settings (``active_learning_<field>``)
     ``fraction`` (in (0, 1]), ``random_share`` (in [0, 1)), ``every`` (k >= 1 steps per
     round), ``target_perplexity`` (for the time-to-target record).
 
 Cost, and how it is counted
-    ceil(k / fraction) scoring forwards of one batch per round. Their FLOPs are measured once
-    with the repository's FLOP counter (``measure_forward_flops``: one eval forward with the
-    loss, batch_size x n_seq) and multiplied by the number of scoring passes; the result is
-    ``flops.selection`` of the run's results and is added to ``total_flops``. Their time is in
-    the run's training time (the trainer fetches the batch inside the timed step) and is also
-    recorded on its own. Under DDP every rank scores the whole pool (the same numbers on every
-    rank; the FLOPs recorded are one rank's). A FLOP budget (``budget_flops``) counts training
-    steps only, not these passes.
+    No model forward beyond the training steps: the per-window losses are a by-product of
+    the step's fused loss (``lm_head_nll(..., with_rows=True)``), so the selection FLOPs are
+    0 (``flops.selection``) and the training step's FLOPs are those of a plain step. A sort
+    of the pool per round, and under DDP one all-gather of the batch's window losses per
+    step, so that every rank keeps the same table.
 
 Determinism and resume
-    The pool is drawn with a ``torch.Generator`` seeded by (run seed, epoch, round); the
-    scores are those of the model's weights at the round's first step; the round's selected
-    windows are in the checkpoint, so a run resumed inside a round feeds the same windows
-    (tested bit for bit).
+    The random slots and the shuffle use a ``torch.Generator`` seeded by (run seed, epoch,
+    round); the table of latest losses and the round's selected windows are in the
+    checkpoint, so a resumed run feeds the same windows (tested bit for bit).
 
 What it records
-    The selected fraction (configured and actual), windows fed and scored, rounds, scoring
-    passes, per-pass and total selection FLOPs and their share of the run's training FLOPs,
-    selection seconds and their share of the training time, the mean loss of the selected
-    windows against the pool's per epoch, the validation curve and time to
-    ``target_perplexity``.
+    The selected fraction (configured and actual), windows fed and considered, distinct
+    windows fed, rounds; the share of selected slots chosen by a known loss and the mean age
+    (steps) of those losses; per epoch the mean latest loss of the selected windows against
+    the pool's (known losses only); selection FLOPs (0) and the selection's seconds; the
+    validation curve and time to ``target_perplexity``.
 
 Causality
-    Scoring reads training windows only and changes no weights; the model's arithmetic is
-    untouched, so every logit depends on the tokens it depended on.
+    Selection reads training windows' losses only and changes no weights; the model's
+    arithmetic is untouched, so every logit depends on the tokens it depended on.
 """
 
 from __future__ import annotations
@@ -61,22 +74,20 @@ from typing import Any
 
 import torch
 
-from ..data_selection.active_learning import top_loss_selection
+from ..data_selection.active_learning import LatestLosses, top_loss_selection
 from ..data_selection.target import curve_of, time_to_target
-from ..eval import target_nll
 from ..hooks import Flag, RunContext
-from ..metrics.flops import measure_forward_flops, measure_step_flops
 
 
 @dataclass
 class ActiveLearningSettings:
     fraction: float = field(default=0.5, metadata={
-        "help": "share of the scored candidate windows that is trained on, in (0, 1]"})
+        "help": "share of the candidate windows that is trained on, in (0, 1]"})
     random_share: float = field(default=0.1, metadata={
         "help": "share of the selected windows drawn at random from the rest of the pool "
                 "instead of by top loss, in [0, 1)"})
     every: int = field(default=1, metadata={
-        "help": "steps per selection round (k): one pool is scored for k batches"})
+        "help": "steps per selection round (k): one pool is ranked for k batches"})
     target_perplexity: float = field(default=0.0, metadata={
         "help": "validation perplexity for the time-to-target record when no baseline run is "
                 "compared (0: none)"})
@@ -98,72 +109,76 @@ class ActiveLearningSettings:
         return math.ceil(round(self.every / self.fraction, 9))
 
 
+def gather_batch_losses(run: RunContext, shard: torch.Tensor, batch: int) -> torch.Tensor:
+    """The global batch's per-window losses from each rank's shard (rank r holds windows
+    r, r + world, ...; the trainer's ``window_batch``), in global batch order."""
+    if not run.distributed:
+        return shard.detach()
+    world, width = run.world, math.ceil(batch / run.world)
+    padded = torch.full((width,), float("nan"), dtype=torch.float32, device=run.device)
+    padded[:shard.numel()] = shard.detach().float()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.stack(parts).t().reshape(-1)[:batch]   # position j: rank j % world
+
+
 class ActiveLearning(Flag):
-    """Scores a pool of candidate batches each round and feeds the top-loss windows."""
+    """Feeds, each round, the pool's windows of highest latest training loss."""
 
     def __init__(self, config, settings: ActiveLearningSettings):
         super().__init__(config, settings)
+        self.table: LatestLosses | None = None
         self.round_key: tuple[int, int] | None = None     # (epoch, round) of the held selection
         self.round_windows: torch.Tensor | None = None
-        self.per_pass_flops: int | None = None
-        self.passes = 0
+        self.fed_now: torch.Tensor | None = None          # the batch of the step in progress
         self.rounds = 0
         self.windows_fed = 0
-        self.windows_scored = 0
+        self.windows_considered = 0
+        self.known_slots = 0
+        self.age_sum = 0
         self.seconds = 0.0
+        self.fed_count: torch.Tensor | None = None
         self.epoch_stats: dict[str, dict[str, float]] = {}
 
-    def select_windows(self, run: RunContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
-        # measured here, outside the timed steps: the counter's own overhead is not selection
-        if self.per_pass_flops is None:
-            report = measure_forward_flops(run.model, self.config.batch_size,
-                                           self.config.n_seq, len(run.data.vocab),
-                                           device=run.device, seed=self.config.seed)
-            self.per_pass_flops = int(report["forward"])
-        return order
-
-    @torch.no_grad()
-    def _score(self, run: RunContext, windows: torch.Tensor) -> torch.Tensor:
-        """Mean NLL of each window under the current model, one batch per pass."""
-        model, bs, n = run.model, self.config.batch_size, self.config.n_seq
-        was_training = model.training
-        model.eval()
-        offsets = torch.arange(n + 1)
-        losses = []
-        try:
-            for i in range(0, windows.numel(), bs):
-                chunk = run.data.train[windows[i:i + bs, None] * n + offsets].to(run.device)
-                with run.autocast():
-                    nll = target_nll(model, chunk[:, :-1], chunk[:, 1:], reduction="none")
-                losses.append(nll.float().mean(dim=1).cpu())
-                self.passes += 1
-        finally:
-            model.train(was_training)
-        return torch.cat(losses)
+    def _ensure_table(self, run: RunContext) -> None:
+        if self.table is None:
+            self.table = LatestLosses(run.num_windows)
+            self.fed_count = torch.zeros(run.num_windows, dtype=torch.long)
 
     def _select_round(self, run: RunContext, epoch: int, order: torch.Tensor, rnd: int) -> torch.Tensor:
         s, bs = self.settings, self.config.batch_size
-        k, pool_batches = s.every, s.pool_batches()
-        if pool_batches * bs > order.numel():
-            raise ValueError(f"active learning needs a pool of {pool_batches * bs} windows per "
+        k, pool_size = s.every, s.pool_batches() * bs
+        if pool_size > order.numel():
+            raise ValueError(f"active learning needs a pool of {pool_size} windows per "
                              f"round but the epoch has {order.numel()}; raise "
                              "active_learning_fraction or lower active_learning_every")
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_033 + 104_729 * epoch + rnd)
-        pool = order[torch.randperm(order.numel(), generator=g)[:pool_batches * bs]]
-        run.sync()
         start = time.perf_counter()
-        losses = self._score(run, pool)
-        run.sync()
+        self._ensure_table(run)
+        at = rnd * k * bs
+        pool = order[(at + torch.arange(pool_size)) % order.numel()]
+        priority = self.table.priority(pool)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_033 + 104_729 * epoch + rnd)
+        chosen = top_loss_selection(priority, k * bs, s.random_share, g)
         self.seconds += time.perf_counter() - start
-        chosen = top_loss_selection(losses, k * bs, s.random_share, g)
-        self.rounds += 1
-        self.windows_scored += pool.numel()
-        st = self.epoch_stats.setdefault(str(epoch), {"epoch": epoch + 1, "rounds": 0,
-                                                      "pool_loss_sum": 0.0, "selected_loss_sum": 0.0})
-        st["rounds"] += 1
-        st["pool_loss_sum"] += float(losses.mean())
-        st["selected_loss_sum"] += float(losses[chosen].mean())
+        self._count(epoch, run.progress.step, pool, priority, chosen)
         return pool[chosen]
+
+    def _count(self, epoch: int, step: int, pool, priority, chosen) -> None:
+        self.rounds += 1
+        self.windows_considered += pool.numel()
+        known = torch.isfinite(priority[chosen])
+        self.known_slots += int(known.sum())
+        self.age_sum += int((step - self.table.step[pool[chosen][known]]).sum())
+        st = self.epoch_stats.setdefault(str(epoch), {"epoch": epoch + 1, "rounds": 0,
+                                                      "pool_loss_sum": 0.0, "pool_known": 0,
+                                                      "selected_loss_sum": 0.0,
+                                                      "selected_known": 0})
+        st["rounds"] += 1
+        finite = torch.isfinite(priority)
+        st["pool_loss_sum"] += float(priority[finite].sum())
+        st["pool_known"] += int(finite.sum())
+        st["selected_loss_sum"] += float(priority[chosen][known].sum())
+        st["selected_known"] += int(known.sum())
 
     def batch_windows(self, run: RunContext, epoch: int, order: torch.Tensor, index: int) -> torch.Tensor:
         k, bs = self.settings.every, self.config.batch_size
@@ -172,42 +187,40 @@ class ActiveLearning(Flag):
             self.round_windows = self._select_round(run, epoch, order, rnd)
             self.round_key = (epoch, rnd)
         self.windows_fed += bs
-        return self.round_windows[offset * bs:(offset + 1) * bs]
+        self.fed_now = self.round_windows[offset * bs:(offset + 1) * bs]
+        self.fed_count[self.fed_now] += 1
+        return self.fed_now
 
-    def selection_flops(self) -> int:
-        return self.passes * (self.per_pass_flops or 0)
-
-    def next_selection_flops(self, epoch: int, index: int) -> int:
-        # a batch that opens a round scores its pool first (batch_windows)
-        if self.round_key == (epoch, index // self.settings.every) and self.round_windows is not None:
-            return 0
-        return self.settings.pool_batches() * (self.per_pass_flops or 0)
+    def after_optimizer_step(self, run: RunContext, terms) -> None:
+        if self.fed_now is None:      # a step whose batch this flag did not choose
+            return
+        losses = gather_batch_losses(run, terms["cross_entropy_per_window"], self.fed_now.numel())
+        self.table.update(self.fed_now, losses, run.progress.step)
+        self.fed_now = None
 
     def record(self, run: RunContext, outcome) -> dict[str, Any]:
-        step = measure_step_flops(run.model, self.config.batch_size, self.config.n_seq,
-                                  len(run.data.vocab), device=run.device,
-                                  optimizer=run.optimizer, compute_loss=run.compute_loss,
-                                  seed=self.config.seed)
-        train_flops = step.total * outcome.steps
-        sel = self.selection_flops()
         curve = curve_of(outcome, run.steps_per_epoch, self.config.batch_size * self.config.n_seq)
+        mean = lambda total, n: total / n if n else None  # noqa: E731
         epochs = [{"epoch": v["epoch"], "rounds": v["rounds"],
-                   "mean_pool_loss": v["pool_loss_sum"] / v["rounds"],
-                   "mean_selected_loss": v["selected_loss_sum"] / v["rounds"]}
+                   "mean_pool_latest_loss": mean(v["pool_loss_sum"], v["pool_known"]),
+                   "mean_selected_latest_loss": mean(v["selected_loss_sum"], v["selected_known"]),
+                   "selected_slots_with_known_loss": v["selected_known"]}
                   for _, v in sorted(self.epoch_stats.items(), key=lambda kv: int(kv[0]))]
+        slots = self.windows_fed if self.rounds else 0
         return {
-            "criterion": "top loss (mean cross-entropy of the window under the current model), "
+            "criterion": "top latest training loss (mean cross-entropy of the window when it "
+                         f"was last trained on; never trained: first), "
                          f"{self.settings.random_share:.0%} of the slots random",
             "fraction_configured": self.settings.fraction,
             "fraction_actual": self.settings.every / self.settings.pool_batches(),
-            "windows_fed": self.windows_fed, "windows_scored": self.windows_scored,
-            "rounds": self.rounds, "scoring_passes": self.passes,
-            "per_pass_flops": self.per_pass_flops,
-            "selection_flops": sel,
-            "selection_flops_share": sel / (sel + train_flops) if sel + train_flops else None,
+            "windows_fed": self.windows_fed, "windows_considered": self.windows_considered,
+            "distinct_windows_fed": int((self.fed_count > 0).sum()) if self.fed_count is not None else 0,
+            "rounds": self.rounds,
+            "selected_by_known_loss_share": self.known_slots / slots if slots else None,
+            "mean_age_of_selecting_loss_steps": mean(self.age_sum, self.known_slots),
+            "scoring_passes": 0, "selection_flops": 0,
+            "selection_note": "no scoring forward: the losses are the training steps' own",
             "selection_seconds": self.seconds,
-            "selection_seconds_share": self.seconds / outcome.training_time
-            if outcome.training_time > 0 else None,
             "epochs": epochs,
             "validation_curve": curve,
             "time_to_target": time_to_target(curve, self.settings.target_perplexity or None),
@@ -215,19 +228,24 @@ class ActiveLearning(Flag):
 
     def state_dict(self) -> dict[str, Any]:
         held = self.round_key is not None and self.round_windows is not None
+        empty = torch.empty(0, dtype=torch.long)
         return {"round_key": list(self.round_key) if held else [],
-                "round_windows": self.round_windows.clone() if held else torch.empty(0, dtype=torch.long),
-                "per_pass_flops": -1 if self.per_pass_flops is None else self.per_pass_flops,
-                "passes": self.passes, "rounds": self.rounds, "windows_fed": self.windows_fed,
-                "windows_scored": self.windows_scored, "seconds": self.seconds,
+                "round_windows": self.round_windows.clone() if held else empty,
+                "table": self.table.state_dict() if self.table is not None else {},
+                "fed_count": self.fed_count.clone() if self.fed_count is not None else empty,
+                "counts": [self.rounds, self.windows_fed, self.windows_considered,
+                           self.known_slots, self.age_sum], "seconds": self.seconds,
                 "epoch_stats": {k: dict(v) for k, v in self.epoch_stats.items()}}
 
     def load_state_dict(self, state, run: RunContext) -> None:
         key = state["round_key"]
         self.round_key = (int(key[0]), int(key[1])) if key else None
         self.round_windows = state["round_windows"].clone() if key else None
-        self.per_pass_flops = None if state["per_pass_flops"] < 0 else int(state["per_pass_flops"])
-        self.passes, self.rounds = int(state["passes"]), int(state["rounds"])
-        self.windows_fed, self.windows_scored = int(state["windows_fed"]), int(state["windows_scored"])
+        if state["table"]:
+            self._ensure_table(run)
+            self.table.load_state_dict(state["table"])
+            self.fed_count = state["fed_count"].clone()
+        (self.rounds, self.windows_fed, self.windows_considered, self.known_slots,
+         self.age_sum) = (int(c) for c in state["counts"])
         self.seconds = float(state["seconds"])
         self.epoch_stats = {k: dict(v) for k, v in state["epoch_stats"].items()}

@@ -12,7 +12,9 @@ What it does
         predict     = mean |psi(K phi(z_l)) - z_{l+1}|^2,      z_l = LayerNorm(h_l) (no affine)
 
     and ``koopman = weight_t * (linear + reconstruct + predict)`` is added to the loss, with
-    ``weight_t`` ramped linearly from 0 to ``koopman_weight`` over ``koopman_warmup_steps``.
+    ``weight_t = koopman_weight x min(1, (t + 1) / W)`` at 0-based step t, W = ceil(``warmup`` x
+    the run's steps): a linear warm-up, so that the term joins the language-modelling loss
+    once that loss has started forming the states (``objectives/schedule.py`` says why).
     The decoder terms keep phi from collapsing to a constant (which would make ``linear``
     zero for free); the states are normalised so that shrinking them cannot do it either.
     The gradient reaches the language model's states: the objective shapes its dynamics.
@@ -22,8 +24,8 @@ Paper
     nonlinear dynamics", Nature Communications 9, 4950 (2018).
 
 Settings (``koopman_<field>``)
-    ``weight``, ``warmup_steps``, ``dim`` (m), ``record_windows`` (held-out windows for the
-    record).
+    ``weight``, ``warmup`` (fraction of the run's steps), ``dim`` (m), ``record_windows``
+    (held-out windows for the record).
 
 Cost
     phi, K and psi add 2dm + 2m^2 + md + 2m + d parameters (trained, checkpointed, not used
@@ -54,14 +56,16 @@ from ..hooks import Flag, RunContext
 from ..models.layers.attached import attach
 from ..objectives.koopman import KoopmanHead
 from ..objectives.layer_states import LayerStates, held_out_windows
+from ..objectives.schedule import warmed_weight, warmup_steps
 from .meter import EpochMeter
 
 
 @dataclass
 class KoopmanSettings:
     weight: float = field(default=0.1, metadata={"help": "weight of the Koopman loss term"})
-    warmup_steps: int = field(default=0, metadata={
-        "help": "steps over which the weight ramps up linearly from 0 (0: full weight at once)"})
+    warmup: float = field(default=0.1, metadata={
+        "help": "fraction of the run's steps over which the weight ramps up linearly from 0 "
+                "(0: full weight at once)"})
     dim: int = field(default=32, metadata={"help": "dimension m of the lifted space"})
     record_windows: int = field(default=16, metadata={
         "help": "held-out validation windows for the recorded prediction error"})
@@ -69,8 +73,8 @@ class KoopmanSettings:
     def validate(self, config) -> None:
         if not self.weight >= 0:
             raise ValueError(f"koopman_weight must be >= 0, got {self.weight}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"koopman_warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup <= 1:
+            raise ValueError(f"koopman_warmup must be in [0, 1], got {self.warmup}")
         if self.dim < 1 or self.record_windows < 1:
             raise ValueError("koopman_dim and koopman_record_windows must be >= 1")
 
@@ -80,13 +84,19 @@ class Koopman(Flag):
         self.states = LayerStates(model, "use_koopman")
         attach(model, "koopman", KoopmanHead(self.config.d_model, self.settings.dim))
         self.meter = EpochMeter(term=0.0, raw=0.0)
+        self.ramp: int | None = None
         self.last: dict[str, float] | None = None
         self._raw: torch.Tensor | None = None
         return model
 
+    def select_windows(self, run: RunContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
+        # the first hook with the run's plan before a training step: size the ramp
+        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
+        return order
+
     def weight_at(self, step: int) -> float:
-        w, warm = self.settings.weight, self.settings.warmup_steps
-        return w * min(1.0, (step + 1) / warm) if warm else w
+        # before any training (a FLOP measurement of the step) the ramp is not sized yet
+        return warmed_weight(self.settings.weight, step, self.ramp or 0)
 
     def loss_terms(self, model, inputs, targets, step):
         parts = model.flag_modules["koopman"].losses(self.states.stacked())
@@ -124,6 +134,7 @@ class Koopman(Flag):
     def record(self, run: RunContext, outcome) -> dict[str, Any]:
         head = run.model.flag_modules["koopman"]
         return {"dynamics": "layer to layer (depth as time), per position",
+                "warmup_steps": self.ramp,
                 "term_per_epoch": self.meter.epochs, "final": self.last,
                 "head_parameters": sum(p.numel() for p in head.parameters()),
                 "held_out": self.held_out_errors(run.model, run.data.valid, run.device)}
@@ -132,5 +143,6 @@ class Koopman(Flag):
         return {"meter": self.meter.state_dict(), "last": self.last}
 
     def load_state_dict(self, state, run: RunContext) -> None:
+        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
         self.meter.load_state_dict(state["meter"])
         self.last = state["last"]

@@ -43,6 +43,8 @@ class FlagSpec:
     records: str
     settings: type | None = None
     incompatible: tuple[str, ...] = ()
+    # (other flag, what the two do together): declared, documented and tested compositions
+    compositions: tuple[tuple[str, str], ...] = ()
 
     @property
     def short(self) -> str:
@@ -58,13 +60,13 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              analytic_gradient.AnalyticGradientSettings),
     FlagSpec("use_koopman", ("transformer", "resnet_bk"), koopman, koopman.Koopman,
              "Koopman auxiliary loss: a lifting phi, a linear operator K and a decoder with "
-             "phi(h_{l+1}) ~ K phi(h_l) along the layers",
+             "phi(h_{l+1}) ~ K phi(h_l) along the layers, weight warmed up",
              "loss term per epoch and final; held-out prediction error of K per layer",
              koopman.KoopmanSettings),
     FlagSpec("use_physics_informed", ("transformer", "resnet_bk"), physics_informed,
              physics_informed.PhysicsInformed,
-             "energy-conservation penalty |E(h_{l+1}) - E(h_l)| along the layers, "
-             "E(h) = 1/2 |h|^2 / d per position",
+             "energy-conservation penalty: relative drift |E(h_{l+1}) - E(h_l)| / E(h_l) "
+             "along the layers, E(h) = 1/2 |h|^2 / d per position, weight warmed up",
              "loss term per epoch; held-out energy drift per layer, trained and at initialization",
              physics_informed.PhysicsInformedSettings),
     FlagSpec("use_quantization", ("transformer", "resnet_bk"), quantization,
@@ -75,9 +77,11 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "against float32",
              quantization.QuantizationSettings),
     FlagSpec("use_pruning", ("transformer", "resnet_bk"), pruning, pruning.Pruning,
-             "gradual magnitude pruning on a cubic schedule (torch.nn.utils.prune) and removal "
-             "of rarely used MoE experts",
-             "sparsity per layer; experts removed; parameters, size and FLOPs before and after",
+             "gradual pruning after the LR warm-up on a cubic schedule: feed-forward hidden "
+             "units removed for real (matrices shrink), or single weights zeroed with the masks "
+             "folded into the weights; rarely used MoE experts removed; head and embedding kept",
+             "width or sparsity per layer; experts removed; parameters, size, forward FLOPs and "
+             "training-step time pruned vs the unpruned build",
              pruning.PruningSettings),
     FlagSpec("use_mixed_precision", ("transformer", "resnet_bk"), mixed_precision,
              mixed_precision.MixedPrecision,
@@ -116,11 +120,16 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              curriculum.CurriculumSettings),
     FlagSpec("use_active_learning", ("transformer", "resnet_bk"), active_learning,
              active_learning.ActiveLearning,
-             "online batch selection: every k steps score a candidate pool by the model's loss "
-             "and train on the top-loss fraction (a random share kept)",
-             "fraction fed, scoring passes, selection FLOPs (also flops.selection) and seconds; "
-             "validation curve and time to target",
-             active_learning.ActiveLearningSettings),
+             "online batch selection by each window's latest training loss (no scoring pass): "
+             "every k steps the top-loss fraction of the next pool of windows is trained on "
+             "(a random share kept)",
+             "fraction fed, windows considered, age of the selecting losses, selection FLOPs "
+             "(0, also flops.selection) and seconds; validation curve and time to target",
+             active_learning.ActiveLearningSettings,
+             compositions=(("use_curriculum",
+                            "active learning selects within the curriculum's pacing: its pool "
+                            "is the curriculum's order at the round's position, so every window "
+                            "fed has been admitted by the competence schedule"),)),
 )}
 
 
@@ -271,6 +280,7 @@ def flags_doc_markdown() -> str:
         out += [f"## `{s.name}`", "", s.summary[0].upper() + s.summary[1:] + ".", "",
                 f"- applies to: {', '.join(s.architectures)}",
                 f"- cannot be combined with: {', '.join(s.incompatible) or 'none'}",
+                *[f"- with `{other}`: {how}" for other, how in s.compositions],
                 f"- code: `{s.module.__name__}`",
                 f"- records: {s.records}", ""]
         if s.settings is not None:

@@ -5,6 +5,7 @@ Public API::
     from bkbench.ops.lm_loss import lm_head_nll
     loss = lm_head_nll(h, head.weight, head.bias, targets)                   # summed NLL
     nll = lm_head_nll(h, head.weight, head.bias, targets, reduction="none")  # per token, no grad
+    loss, rows = lm_head_nll(h, head.weight, head.bias, targets, with_rows=True)  # both
 
 A model hands these ops its head through the protocol of :mod:`.head` (``Head``: weight,
 bias, input transform, or an int8 weight with its scales for ``lm_head_nll_int8``).
@@ -131,17 +132,20 @@ def _(h, weight, bias, targets, chunk_rows, compute_dtype):
 @torch.library.custom_op("bkbench::lm_head_nll_sum_with_grad", mutates_args=())
 def _nll_sum_with_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        targets: torch.Tensor, chunk_rows: int, compute_dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """(summed NLL, per-row NLL, and the gradients of the sum)."""
     with torch.autocast(h.device.type, enabled=False):
         nll, gh, gw, gb = _chunked(h, weight, bias, targets, chunk_rows, compute_dtype, True)
-    return nll.sum(), gh, gw, gb
+    return nll.sum(), nll, gh, gw, gb
 
 
 @_nll_sum_with_grad.register_fake
 def _(h, weight, bias, targets, chunk_rows, compute_dtype):
     gb = torch.empty_like(bias) if bias is not None else h.new_empty(0)
-    return (h.new_empty((), dtype=_acc_dtype(compute_dtype)), torch.empty_like(h),
-            torch.empty_like(weight), gb)
+    acc = _acc_dtype(compute_dtype)
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape[0], dtype=acc),
+            torch.empty_like(h), torch.empty_like(weight), gb)
 
 
 @torch.library.custom_op("bkbench::lm_head_nll_sum_backward", mutates_args=())
@@ -160,13 +164,15 @@ def _(grad_loss, grad_h, grad_w, grad_b):
 class _NLLSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_rows, compute_dtype):
-        loss, gh, gw, gb = _nll_sum_with_grad(h, weight, bias, targets, chunk_rows, compute_dtype)
+        loss, rows, gh, gw, gb = _nll_sum_with_grad(h, weight, bias, targets, chunk_rows,
+                                                    compute_dtype)
         ctx.save_for_backward(gh, gw, gb)
         ctx.has_bias = bias is not None
-        return loss
+        ctx.mark_non_differentiable(rows)
+        return loss, rows
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_rows):
         gh, gw, gb = _nll_sum_backward(grad_loss, *ctx.saved_tensors)
         return gh, gw, gb if ctx.has_bias else None, None, None, None
 
@@ -301,14 +307,18 @@ def _compute_dtype(features: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def lm_head_nll(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, reduction: str = "sum", *,
-                chunk_rows: int | None = None) -> torch.Tensor:
+                chunk_rows: int | None = None, with_rows: bool = False):
     """NLL of ``targets`` under the LM head ``(weight, bias)`` applied to ``features``.
 
     ``reduction="sum"``: the summed NLL (a float32 scalar, float64 for float64 inputs), with a
     backward to features, weight and bias. ``reduction="none"``: the NLL of every target, shape
     ``targets.shape``; no backward (evaluation). ``chunk_rows``: rows per chunk (default
-    :func:`default_chunk_rows`).
+    :func:`default_chunk_rows`). ``with_rows`` (``reduction="sum"`` only): return
+    ``(summed NLL, per-target NLL)``, the latter without gradient, computed by the same pass
+    (what a training step's data selection reads at no extra cost).
     """
+    if with_rows and reduction != "sum":
+        raise ValueError("with_rows needs reduction='sum' (reduction='none' already gives rows)")
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     if weight.dim() != 2 or features.shape[-1] != weight.shape[1]:
@@ -335,5 +345,7 @@ def lm_head_nll(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                              "reduction='sum' for training, or call it under torch.no_grad()")
         return _nll_rows(h, weight, bias, t, chunk, dtype).view(targets.shape)
     if not needs_grad:
-        return _nll_rows(h, weight, bias, t, chunk, dtype).sum()
-    return _NLLSum.apply(h, weight, bias, t, chunk, dtype)
+        rows = _nll_rows(h, weight, bias, t, chunk, dtype)
+        return (rows.sum(), rows.view(targets.shape)) if with_rows else rows.sum()
+    loss, rows = _NLLSum.apply(h, weight, bias, t, chunk, dtype)
+    return (loss, rows.view(targets.shape)) if with_rows else loss

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import prune
 
 from . import int8_logits, lm_head_nll, lm_head_nll_int8, quantize_rows
 
@@ -46,24 +45,16 @@ class Head:
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
     def nll(self, features: torch.Tensor, targets: torch.Tensor,
-            reduction: str = "sum") -> torch.Tensor:
+            reduction: str = "sum", *, with_rows: bool = False):
         """NLL of ``targets`` with the head fused into the loss (:func:`lm_head_nll`, or
-        :func:`lm_head_nll_int8` for an integer head)."""
+        :func:`lm_head_nll_int8` for an integer head, which evaluates only). ``with_rows``:
+        also the per-target NLL of the same pass (:func:`lm_head_nll`)."""
         x = self.inputs(features)
         if self.weight_scale is None:
-            return lm_head_nll(x, self.weight, self.bias, targets, reduction)
+            return lm_head_nll(x, self.weight, self.bias, targets, reduction, with_rows=with_rows)
+        if with_rows:
+            raise ValueError("the integer head evaluates only; with_rows is a training option")
         return lm_head_nll_int8(x, self.weight, self.weight_scale, self.bias, targets, reduction)
-
-
-def current_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the module's next forward multiplies by. ``torch.nn.utils.prune`` keeps the
-    weight as ``weight_orig`` and a mask, and recomputes ``weight`` in a forward pre-hook; a
-    head used without its forward must recompute it here (else it reads a stale product)."""
-    weight = module.weight
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
-            weight = hook.apply_mask(module)
-    return weight
 
 
 def head_of(module: nn.Module | None) -> Head | None:
@@ -73,8 +64,8 @@ def head_of(module: nn.Module | None) -> Head | None:
     if callable(own):
         return own()
     if isinstance(module, nn.Linear):
-        return Head(current_weight(module), module.bias)
+        return Head(module.weight, module.bias)
     return None
 
 
-__all__ = ["Head", "current_weight", "head_of"]
+__all__ = ["Head", "head_of"]
