@@ -133,22 +133,8 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
                              "exactly N; recorded in the results (default: %(default)s)")
 
 
-def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
-    """The parser; the config-field options (which need the flag registry, hence torch) are
-    added to ``command``'s subparser only ("all": every one; None: none, for ``--help``)."""
-
-    def add_config_fields(name, subparser, **kw):
-        if command in ("all", name):
-            _add_config_fields(subparser, **kw)
-
-    parser = argparse.ArgumentParser(
-        prog="bkbench",
-        description="Train and compare language models on WikiText-2: a causal Transformer "
-                    "against ResNet-BK, with held-out perplexity and measured cost.")
-    parser.add_argument("--version", action="version", version=f"bkbench {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run_command(sub, add_config_fields) -> None:
+    """``bkbench run``: train and evaluate the benchmark's runs."""
     run = sub.add_parser("run", help="train and evaluate the benchmark's models, write the report",
                          description="Train and evaluate each run of the benchmark "
                                      "(transformer_baseline, resnet_bk_baseline, resnet_bk_full) "
@@ -191,6 +177,9 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     _add_threads(run)
     add_config_fields("run", run)
 
+
+def _add_audit_command(sub, add_config_fields) -> None:
+    """``bkbench audit``: the causality check of each run's model."""
     audit = sub.add_parser(
         "audit", help="check that each model's logits depend on no later token",
         description="Build each run's model (no data, no training), change one token at a time "
@@ -209,6 +198,9 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     add_config_fields("audit", audit, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
                                                 if not _audit_field(f.name)))
 
+
+def _add_ablate_command(sub, add_config_fields) -> None:
+    """``bkbench ablate``: the baseline, each flag alone, all flags."""
     ablate = sub.add_parser(
         "ablate", help="ResNet-BK baseline, each flag alone, all flags: one table",
         description="Train the ResNet-BK baseline, then each implemented optimization flag alone, "
@@ -238,6 +230,9 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     add_config_fields("ablate", ablate, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
                                                  if f.name.startswith("use_")))
 
+
+def _add_scale_command(sub, add_config_fields) -> None:
+    """``bkbench scale``: cost (or, with --train, quality) along one swept axis."""
     scale = sub.add_parser(
         "scale", help="sweep sequence length (or model size) and fit cost exponents",
         description="For each model, measure training tokens/s, peak memory and FLOPs per token "
@@ -282,10 +277,36 @@ def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
+
+def _add_report_command(sub, add_config_fields) -> None:
+    """``bkbench report``: the report of a results folder."""
     report = sub.add_parser("report", help="rebuild report.md/html and plots from a results folder",
                             description="Rebuild the plots, report.md, report.html and the claims "
                                         "audit from the JSON files of a results folder alone.")
     report.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
+
+
+def build_parser(command: str | None = "all") -> argparse.ArgumentParser:
+    """The parser; the config-field options (which need the flag registry, hence torch) are
+    added to ``command``'s subparser only ("all": every one; None: none, for ``--help``)."""
+
+    def add_config_fields(name, subparser, **kw):
+        if command in ("all", name):
+            _add_config_fields(subparser, **kw)
+
+    parser = argparse.ArgumentParser(
+        prog="bkbench",
+        description="Train and compare language models on WikiText-2: a causal Transformer "
+                    "against ResNet-BK, with held-out perplexity and measured cost.")
+    parser.add_argument("--version", action="version", version=f"bkbench {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_run_command(sub, add_config_fields)
+    _add_audit_command(sub, add_config_fields)
+    _add_ablate_command(sub, add_config_fields)
+    _add_scale_command(sub, add_config_fields)
+    _add_report_command(sub, add_config_fields)
     return parser
 
 

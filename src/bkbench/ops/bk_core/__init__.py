@@ -280,6 +280,61 @@ def _row_param(name, x, lead, rows, dtype, device) -> torch.Tensor:
     raise TypeError(f"{name} must be a real float or a real tensor, got {type(x).__name__}")
 
 
+def _checked_potential(v, causal, analytic_gradient, backend) -> torch.Tensor:
+    """``v`` as a float32/float64 tensor of at least one dim, the flags checked."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.is_complex() or not v.is_floating_point():
+        raise TypeError(f"v must be a real floating-point tensor (float32/float64), "
+                        f"got dtype {v.dtype}")
+    if v.dim() < 1:
+        raise ValueError("v must have at least one dim (..., N)")
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.to(torch.float32)  # half/bfloat16 (e.g. under autocast): computed in float32
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(analytic_gradient, bool):
+        raise TypeError(f"analytic_gradient must be a bool, got {type(analytic_gradient).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return v
+
+
+def _energy_and_eps(z, energy, eps):
+    """(energy, eps) from ``z`` = E + i*eps, or as given; eps > 0 checked."""
+    if (energy is None) != (eps is None):
+        raise ValueError("energy and eps must be given together (they replace z)")
+    if energy is None:
+        if isinstance(z, torch.Tensor) or not isinstance(z, numbers.Number) or isinstance(z, bool):
+            raise TypeError("z must be a Python number E + i*eps; pass tensors as "
+                            "energy=..., eps=...")
+        zc = complex(z)
+        if not math.isfinite(zc.real) or not math.isfinite(zc.imag):
+            raise ValueError(f"z must be finite, got {z!r}")
+        energy, eps = zc.real, zc.imag
+    if isinstance(eps, torch.Tensor):
+        if eps.is_floating_point() and not bool((eps.detach() > 0).all()):
+            raise ValueError("eps (the imaginary part of z) must be > 0 everywhere; "
+                             f"got min {eps.detach().min().item()}")
+    elif _is_real_number(eps) and not eps > 0:
+        raise ValueError(f"eps (the imaginary part of z) must be > 0, got {eps}")
+    return energy, eps
+
+
+def _usable_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on ``device`` ("auto" resolved), or an error saying why not."""
+    if backend == "auto":
+        return auto_backend(device)
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, v is on {device}")
+    if backend == "cpu" and not _cpu.HAVE_NUMBA:
+        raise RuntimeError("backend 'cpu' needs numba, which is not importable")
+    if backend == "triton" and not _triton.available(device):
+        raise RuntimeError(f"backend 'triton' is not available on {device} "
+                           f"(triton installed: {_triton.HAVE_TRITON})")
+    return backend
+
+
 def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=None,
                    causal: bool = True, analytic_gradient: bool = True,
                    backend: str = "auto") -> torch.Tensor:
@@ -316,45 +371,12 @@ def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=No
         ValueError: eps <= 0, shapes that do not broadcast, bad backend, ``energy`` without
             ``eps`` (or vice versa), a 0-dim ``v``.
     """
-    # --- v ---
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
-    if v.is_complex() or not v.is_floating_point():
-        raise TypeError(f"v must be a real floating-point tensor (float32/float64), "
-                        f"got dtype {v.dtype}")
-    if v.dim() < 1:
-        raise ValueError("v must have at least one dim (..., N)")
-    if v.dtype not in (torch.float32, torch.float64):
-        v = v.to(torch.float32)  # half/bfloat16 (e.g. under autocast): computed in float32
+    v = _checked_potential(v, causal, analytic_gradient, backend)
     dtype, device = v.dtype, v.device
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(analytic_gradient, bool):
-        raise TypeError(f"analytic_gradient must be a bool, got {type(analytic_gradient).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
     lead = tuple(v.shape[:-1])
     n = v.shape[-1]
     rows = _positions(lead)
-
-    # --- z / energy / eps ---
-    if (energy is None) != (eps is None):
-        raise ValueError("energy and eps must be given together (they replace z)")
-    if energy is None:
-        if isinstance(z, torch.Tensor) or not isinstance(z, numbers.Number) or isinstance(z, bool):
-            raise TypeError("z must be a Python number E + i*eps; pass tensors as "
-                            "energy=..., eps=...")
-        zc = complex(z)
-        if not math.isfinite(zc.real) or not math.isfinite(zc.imag):
-            raise ValueError(f"z must be finite, got {z!r}")
-        energy, eps = zc.real, zc.imag
-    if isinstance(eps, torch.Tensor):
-        if eps.is_floating_point() and not bool((eps.detach() > 0).all()):
-            raise ValueError("eps (the imaginary part of z) must be > 0 everywhere; "
-                             f"got min {eps.detach().min().item()}")
-    elif _is_real_number(eps) and not eps > 0:
-        raise ValueError(f"eps (the imaginary part of z) must be > 0, got {eps}")
+    energy, eps = _energy_and_eps(z, energy, eps)
 
     shift = _row_param("h0", h0, lead, rows, dtype, device) - \
         _row_param("energy", energy, lead, rows, dtype, device)
@@ -372,15 +394,7 @@ def resolvent_diag(v: torch.Tensor, h0=-2.0, t=1.0, z=1j, *, energy=None, eps=No
         g = _flop_marker(g, causal, False)
         return g.reshape(v.shape)
 
-    if backend == "auto":
-        backend = auto_backend(device)
-    elif backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' needs CPU tensors, v is on {device}")
-    elif backend == "cpu" and not _cpu.HAVE_NUMBA:
-        raise RuntimeError("backend 'cpu' needs numba, which is not importable")
-    elif backend == "triton" and not _triton.available(device):
-        raise RuntimeError(f"backend 'triton' is not available on {device} "
-                           f"(triton installed: {_triton.HAVE_TRITON})")
+    backend = _usable_backend(backend, device)
     g = _bk_core_fwd(v_rows.contiguous(), shift.contiguous(), eps_r.contiguous(),
                      tau.contiguous(), causal, backend)
     return g.reshape(v.shape)
