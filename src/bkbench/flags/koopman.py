@@ -52,12 +52,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..hooks import Flag, RunContext
+from ..hooks import RunContext
 from ..models.layers.attached import attach
 from ..objectives.koopman import KoopmanHead
 from ..objectives.layer_states import LayerStates, held_out_windows
-from ..objectives.schedule import warmed_weight, warmup_steps
 from .meter import EpochMeter
+from .regularizer import WarmedUpRegularizer
 
 
 @dataclass
@@ -79,7 +79,7 @@ class KoopmanSettings:
             raise ValueError("koopman_dim and koopman_record_windows must be >= 1")
 
 
-class Koopman(Flag):
+class Koopman(WarmedUpRegularizer):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.states = LayerStates(model, "use_koopman")
         attach(model, "koopman", KoopmanHead(self.config.d_model, self.settings.dim))
@@ -88,15 +88,6 @@ class Koopman(Flag):
         self.last: dict[str, float] | None = None
         self._raw: torch.Tensor | None = None
         return model
-
-    def select_windows(self, run: RunContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
-        # the first hook with the run's plan before a training step: size the ramp
-        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
-        return order
-
-    def weight_at(self, step: int) -> float:
-        # before any training (a FLOP measurement of the step) the ramp is not sized yet
-        return warmed_weight(self.settings.weight, step, self.ramp or 0)
 
     def loss_terms(self, model, inputs, targets, step):
         parts = model.flag_modules["koopman"].losses(self.states.stacked())
@@ -138,11 +129,3 @@ class Koopman(Flag):
                 "term_per_epoch": self.meter.epochs, "final": self.last,
                 "head_parameters": sum(p.numel() for p in head.parameters()),
                 "held_out": self.held_out_errors(run.model, run.data.valid, run.device)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"meter": self.meter.state_dict(), "last": self.last}
-
-    def load_state_dict(self, state, run: RunContext) -> None:
-        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
-        self.meter.load_state_dict(state["meter"])
-        self.last = state["last"]

@@ -51,12 +51,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..hooks import Flag, RunContext
+from ..hooks import RunContext
 from ..objectives.layer_states import LayerStates, held_out_windows
 from ..objectives.physics_informed import energy, energy_drift
-from ..objectives.schedule import warmed_weight, warmup_steps
 from ..seeding import seed_everything
 from .meter import EpochMeter
+from .regularizer import WarmedUpRegularizer
 
 
 @dataclass
@@ -77,22 +77,13 @@ class PhysicsInformedSettings:
             raise ValueError("physics_informed_record_windows must be >= 1")
 
 
-class PhysicsInformed(Flag):
+class PhysicsInformed(WarmedUpRegularizer):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         self.states = LayerStates(model, "use_physics_informed")
         self.meter = EpochMeter(term=0.0)
         self.last: dict[str, float] | None = None
         self.ramp: int | None = None
         return model
-
-    def select_windows(self, run: RunContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
-        # the first hook with the run's plan before a training step: size the ramp
-        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
-        return order
-
-    def weight_at(self, step: int) -> float:
-        # before any training (a FLOP measurement of the step) the ramp is not sized yet
-        return warmed_weight(self.settings.weight, step, self.ramp or 0)
 
     def loss_terms(self, model, inputs, targets, step):
         drift = energy_drift(self.states.stacked()).mean()
@@ -138,11 +129,3 @@ class PhysicsInformed(Flag):
                 "held_out_energy_per_state": trained["mean_energy"],
                 "held_out_drift_per_layer_at_initialization": at_init["relative_drift"],
                 "held_out_energy_per_state_at_initialization": at_init["mean_energy"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"meter": self.meter.state_dict(), "last": self.last}
-
-    def load_state_dict(self, state, run: RunContext) -> None:
-        self.ramp = warmup_steps(run.total_steps, self.settings.warmup)
-        self.meter.load_state_dict(state["meter"])
-        self.last = state["last"]

@@ -21,6 +21,17 @@ class LanguageModel(nn.Module):
     COMPONENTS: dict[str, tuple[str, ...]] = {}
     n_seq: int
 
+    @staticmethod
+    def init_weights(module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases
+        (``self.apply(self.init_weights)``; other modules keep their own)."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
     def check_input(self, idx: torch.Tensor) -> int:
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape (batch, seq), got {tuple(idx.shape)}")

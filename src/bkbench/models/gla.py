@@ -38,18 +38,12 @@ import torch.nn.functional as F
 
 from ..ops.gla import BACKENDS, gated_linear_attention
 from .dropout import KeyedDropout
-from .transformer import PreLNLM
+from .transformer import PreLNLM, TransformerConfig
 
 
 @dataclass
-class GLAConfig:
-    vocab_size: int
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    n_seq: int = 128
-    dropout: float = 0.1
-    tie_weights: bool = False
+class GLAConfig(TransformerConfig):
+    """The Transformer's sizes (the same blocks, GLA in place of attention) and GLA's own."""
     expand_k: float = 0.5          # key width / d_model (the paper's 0.5)
     gate_rank: int = 16            # rank of the low-rank decay gate
     gate_normalizer: float = 16.0  # g = logsigmoid(.) / gate_normalizer (the paper's tau)

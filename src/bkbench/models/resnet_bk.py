@@ -409,7 +409,7 @@ class ResNetBKLM(LanguageModel):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
         # The blocks as a list of stages (models/layers/stages.py): one per block, unless a
         # structural flag runs some differently (use_multi_scale's hourglass). Stages own no
         # parameters, so the weights keep their names with the flag on or off.
@@ -418,15 +418,6 @@ class ResNetBKLM(LanguageModel):
         # begin / after_layer / finish (models/layers/depth.py). Empty: every token runs every
         # layer.
         self.depth_policies: list = []
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         T = self.check_input(idx)
