@@ -58,6 +58,9 @@ class TinyCorpus:
     test: torch.Tensor
     vocab: TinyVocab
     checksums: dict = field(default_factory=lambda: {"synthetic": "0"})
+    # no text behind the ids: no bytes or words to report per (bits per byte, ppl per word)
+    num_bytes: dict = field(default_factory=lambda: {"train": 0, "valid": 0, "test": 0})
+    num_words: dict | None = None
 
     def to_dict(self) -> dict:
         return {"name": "synthetic", "train_tokens": self.train.numel(),

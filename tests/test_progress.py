@@ -101,23 +101,23 @@ def _flag_config() -> BenchmarkConfig:
 
 def test_slow_record_is_named_in_the_log_and_resume_keeps_finished_records(
         tmp_path, monkeypatch, caplog, tiny_corpus):
-    from bkbench.objectives.koopman import Koopman
-    from bkbench.objectives.physics_informed import PhysicsInformed
+    from bkbench.flags.koopman import Koopman
+    from bkbench.flags.physics_informed import PhysicsInformed
 
     monkeypatch.setattr(WikiText2Benchmark, "load_data", lambda self, config: tiny_corpus)
     calls = {"koopman": 0, "physics": 0}
     koopman_record, physics_record = Koopman.record, PhysicsInformed.record
 
-    def slow_koopman(self, trainer, outcome):
+    def slow_koopman(self, run, outcome):
         calls["koopman"] += 1
         time.sleep(2.5)
-        return koopman_record(self, trainer, outcome)
+        return koopman_record(self, run, outcome)
 
-    def interrupted_physics(self, trainer, outcome):
+    def interrupted_physics(self, run, outcome):
         calls["physics"] += 1
         if calls["physics"] == 1:
             raise KeyboardInterrupt   # Ctrl-C during the second record
-        return physics_record(self, trainer, outcome)
+        return physics_record(self, run, outcome)
 
     monkeypatch.setattr(Koopman, "record", slow_koopman)
     monkeypatch.setattr(PhysicsInformed, "record", interrupted_physics)

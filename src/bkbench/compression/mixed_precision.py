@@ -6,6 +6,7 @@ The flag, and its documentation, is :mod:`bkbench.flags.mixed_precision`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -22,7 +23,10 @@ class Float32Island:
         self._contexts: list[Any] = []
 
     def pre(self, module, args):
-        ctx = torch.autocast(device_type=args[0].device.type, enabled=False)
+        device = args[0].device.type
+        # the meta device (bkbench.size_estimate's shapes-only trace) has no autocast to leave
+        ctx = (contextlib.nullcontext() if device == "meta"
+               else torch.autocast(device_type=device, enabled=False))
         ctx.__enter__()
         self._contexts.append(ctx)
         return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
