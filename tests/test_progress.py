@@ -255,11 +255,16 @@ def test_scale_ctrl_c_keeps_finished_points_and_resume_measures_the_rest(tmp_pat
     for line in proc.stderr:
         lines.append(line)
         if "point 2 of 2: transformer_baseline n_seq=32 ..." in line:
+            # interrupt the measurement in progress, not the spawn of its process: in one CI
+            # run a SIGINT sent at once was lost and the sweep finished (see the closing note
+            # of the stop that added this wait)
+            time.sleep(0.3)
             os.killpg(proc.pid, signal.SIGINT)
             break
     rest = proc.stderr.read()
     assert proc.wait(timeout=600) == 130, "".join(lines) + rest
-    assert rest.strip().splitlines() == [
+    # the interrupted point's phase still logs its end; the user-facing message is one line
+    assert [l for l in rest.strip().splitlines() if not l.startswith("INFO ")] == [
         f"bkbench scale: interrupted after 1 of 2 points; they are kept in {out / 'scale.json'}."
         " Run the same command with --resume to measure the rest."], rest
     partial = json.loads((out / "scale.json").read_text())
