@@ -249,16 +249,15 @@ def test_scale_ctrl_c_keeps_finished_points_and_resume_measures_the_rest(tmp_pat
     args = [sys.executable, "-m", "bkbench", "scale", "--preset", "smoke", "--n-seq", "16,32",
             "--models", "transformer_baseline", "--steps", "1", "--warmup", "0",
             "--output-dir", str(out)]
+    # as a terminal's Ctrl-C: a test run started in the background inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler (the sweep would run on)
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:
         lines.append(line)
         if "point 2 of 2: transformer_baseline n_seq=32 ..." in line:
-            # interrupt the measurement in progress, not the spawn of its process: in one CI
-            # run a SIGINT sent at once was lost and the sweep finished (see the closing note
-            # of the stop that added this wait)
-            time.sleep(0.3)
             os.killpg(proc.pid, signal.SIGINT)
             break
     rest = proc.stderr.read()
