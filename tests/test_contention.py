@@ -32,9 +32,9 @@ from conftest import make_corpus
 from test_report import passing_set
 
 
-def train_tiny():
+def train_tiny(max_steps: int = 8):
     cfg = BenchmarkConfig(model_name="transformer_t", d_model=16, n_layers=1, n_heads=2,
-                          n_seq=16, batch_size=8, epochs=1, max_steps=8, lr=3e-3,
+                          n_seq=16, batch_size=8, epochs=1, max_steps=max_steps, lr=3e-3,
                           warmup_steps=2, eval_batch_size=16, seed=3).validate()
     corpus = make_corpus(n_train=4000, n_eval=200)
     seed_everything(cfg.seed)
@@ -101,7 +101,9 @@ def test_run_on_a_busy_machine_is_contended_and_its_time_claim_untestable(one_cp
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 for _ in range(len(one_cpu))]
     try:
-        outcome = train_tiny()
+        # the whole epoch (31 steps), so that the load samples see the spinners: 8 steps took
+        # 15 ms in a CI run and were not found contended
+        outcome = train_tiny(max_steps=400)
     finally:
         for p in spinners:
             p.kill()
