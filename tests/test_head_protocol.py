@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import bkbench.ops.lm_loss.head as head_module
 from bkbench.compression.pruning import fold_mask, magnitude_mask
 from bkbench.compression.quantization import IntLinear, QATLinear, integer_model, quantize_linears
-from bkbench.config import BenchmarkConfig
+from bkbench.config import OPTIMIZATION_FLAGS, BenchmarkConfig
 from bkbench.eval import fused_head, target_nll
 from bkbench.flags import build_model
 from bkbench.models.layers.early_exit import with_exits
@@ -138,3 +138,23 @@ def test_early_exit_evaluation_is_fused_and_equals_the_exit_logits(fused_calls):
                                   reduction="none").view(targets.shape)
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     assert len(fused_calls) == 3
+
+
+def test_integer_model_right_after_a_training_step_of_every_flag():
+    # a training forward leaves graph tensors on modules (router gates, exit states, in
+    # lists): converting to the integer model then must not try to deep-copy them
+    cfg = BenchmarkConfig.from_dict(dict(
+        model_name="resnet_bk_full_t", d_model=16, n_layers=3, n_heads=2, n_seq=N, num_experts=4,
+        seed=0, dropout=0.0, **{f: True for f in OPTIMIZATION_FLAGS})).validate()
+    seed_everything(0)
+    model, _ = build_model(cfg, V)
+    model.train()
+    x, y = batch(1)
+    loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
+    loss.backward()
+    model.eval()
+    integer = integer_model(model)
+    assert sum(isinstance(m, IntLinear) for m in integer.modules()) == sum(
+        isinstance(m, QATLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.isfinite(integer(x)).all()

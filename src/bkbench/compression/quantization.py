@@ -169,14 +169,35 @@ def stored_bytes(model: nn.Module) -> int:
     return total
 
 
+def _graph_tensors(value, seen: set[int], depth: int = 0):
+    """Tensors with a grad_fn reachable from ``value`` through containers and plain objects
+    (a stage's ``last_entering``, a policy's state); modules are walked by the caller."""
+    if id(value) in seen or depth > 6 or isinstance(value, (nn.Module, type)):
+        return
+    seen.add(id(value))
+    if torch.is_tensor(value):
+        if value.grad_fn is not None:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _graph_tensors(item, seen, depth + 1)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from _graph_tensors(item, seen, depth + 1)
+    elif hasattr(value, "__dict__"):
+        yield from _graph_tensors(vars(value), seen, depth + 1)
+
+
 def _converted(model: nn.Module, make) -> nn.Module:
     """A copy of a QAT model with every QATLinear replaced by ``make(layer)``, in eval mode."""
     if not any(isinstance(m, QATLinear) for m in model.modules()):
         raise ValueError("integer_model needs a model with QATLinear layers (use_quantization)")
-    # tensors that are not graph leaves (pruning's recomputed ``weight``) cannot be deep-copied;
-    # a detached view is enough, each new layer reads its layer's parameters again
-    memo = {id(v): v.detach() for m in model.modules() for v in vars(m).values()
-            if torch.is_tensor(v) and v.grad_fn is not None}
+    # tensors that are not graph leaves cannot be deep-copied: pruning's recomputed ``weight``,
+    # and what a training forward leaves on modules (a router's last gates, exit states, in
+    # lists too); a detached view is enough, each new layer reads its layer's parameters again
+    seen: set[int] = set()
+    memo = {id(t): t.detach() for m in model.modules()
+            for item in vars(m).values() for t in _graph_tensors(item, seen)}
     copied = copy.deepcopy(model, memo)
     _replace(copied, QATLinear, make)
     return copied.eval()
