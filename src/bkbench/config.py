@@ -387,6 +387,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a set-up check: all three models in under a minute on 2 CPU cores. Byte-level, because
     # evaluation always scores every token of the held-out splits, and with the word
     # vocabulary the LM head and softmax alone cost ~20 s of evaluation per model here.
+    # the default's model and optimizer on UTF-8 bytes: with 256 outputs the LM head is a small
+    # part of the forward (the word vocabulary makes it most of it), so the blocks - where the
+    # architectures differ - carry the cost; windows of 256 bytes (~45 words), one epoch, about
+    # the default's training tokens
+    "bytes": dict(d_model=64, n_layers=4, n_seq=256, n_heads=4, batch_size=32, epochs=1,
+                  lr=1e-3, weight_decay=0.01, grad_clip=0.5, warmup_steps=20, seed=42,
+                  tokenizer="byte"),
     "smoke": dict(d_model=32, n_layers=3, n_seq=64, n_heads=2, batch_size=16, epochs=1,
                   max_steps=20, lr=3e-3, warmup_steps=2, eval_batch_size=256, seed=0,
                   num_experts=2, tokenizer="byte"),
