@@ -362,3 +362,30 @@ def test_flop_budget_with_active_learning_spends_no_selection_flops(tiny_corpus)
     flag = trainer.flags.flags["use_active_learning"]
     assert flag.selection_flops() == 0
     assert out.steps == 9 and out.steps * step <= 9.5 * step
+
+
+def test_parallel_ablation_rows_run_at_the_requested_threads(tmp_path, monkeypatch):
+    # each worker gets the thread policy in its payload and OpenMP's in its environment
+    import json as json_module
+    import subprocess
+
+    from bkbench.config import BenchmarkConfig
+    from bkbench.experiments import ablate
+
+    started = []
+
+    class FakeChild:
+        def __init__(self, argv, pass_fds=(), env=None):
+            started.append((json_module.loads(argv[-1]), env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    configs = [BenchmarkConfig.from_dict(dict(model_name=f"resnet_bk_r{i}")).validate()
+               for i in range(3)]
+    ablate._run_parallel(configs, tmp_path, resume=False, jobs=2, threads="1")
+    assert len(started) == 3
+    for payload, env in started:
+        assert payload["thread_policy"]["threads"] == 1
+        assert env["OMP_NUM_THREADS"] == "1"

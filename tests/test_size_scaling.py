@@ -97,6 +97,7 @@ def _exit_code(argv):
 
 @pytest.mark.parametrize("argv,message", [
     (["scale", "--d-model", "16,32", "--seeds", "0,1"], "scale --train` only"),
+    (["scale", "--d-model", "16,32", "--threads", "1"], "scale --train` only"),
     (["scale", "--train", "--n-seq", "64,128", "--max-tokens", "1000"], "model size"),
     (["scale", "--train", "--d-model", "16,32"], "--max-tokens or --budget-flops"),
     (["scale", "--train", "--d-model", "16,32", "--max-tokens", "1000", "--dataset", "ptb",

@@ -227,6 +227,7 @@ def _add_ablate_command(sub, add_config_fields) -> None:
                         help="continue unfinished rows and reuse complete ones")
     ablate.add_argument("--overwrite", action="store_true", help="redo an existing ablation")
     ablate.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(ablate)
     add_config_fields("ablate", ablate, exclude=frozenset(f.name for f in dataclasses.fields(BenchmarkConfig)
                                                  if f.name.startswith("use_")))
 
@@ -275,6 +276,9 @@ def _add_scale_command(sub, add_config_fields) -> None:
     scale.add_argument("--resume", action="store_true",
                        help="measure only the points an interrupted sweep's scale.json lacks")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
+    scale.add_argument("--threads", type=_threads, default=None, metavar="auto|N",
+                       help="with --train: torch threads per run, as `bkbench run --threads` "
+                            "(default: auto)")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))
 
 
@@ -496,7 +500,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         table = run_ablation(base, output_dir,
                              seeds=parse_seeds(seeds) if seeds is not None else None,
                              jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.quiet)
+                             progress=not args.quiet, threads=args.threads)
     except RunFailedError as exc:
         return exc.exit_code
     print(format_table(table))
@@ -516,6 +520,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         return main_from_args(args, axis, values, _configs_from_args)
     if args.seeds:
         raise ConfigError("--seeds applies to `bkbench scale --train` only")
+    if args.threads is not None:
+        raise ConfigError("--threads applies to `bkbench scale --train` only (each cost point "
+                          "is measured at torch's default threads)")
     if args.vocab_size is not None and args.vocab_size < 2:
         raise ConfigError(f"--vocab-size must be at least 2, got {args.vocab_size}")
     if args.overwrite and args.resume:

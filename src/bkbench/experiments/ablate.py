@@ -30,6 +30,8 @@ from ..config import BenchmarkConfig, ConfigError, OPTIMIZATION_FLAGS
 from ..flags.registry import REGISTRY
 from ..progress import duration
 from ..results import BenchmarkResults
+from ..threads import ThreadPolicy
+from ..threads import choose as choose_threads
 from .seeds import SIGNIFICANCE, expand_seeds
 from .stats import summarize, welch_difference_ci, welch_test
 
@@ -67,16 +69,20 @@ def ablation_rows(base: BenchmarkConfig) -> dict[str, BenchmarkConfig]:
     return {name: c.validate() for name, c in rows.items()}
 
 
-def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool, overwrite: bool) -> str:
+def _payload(config: BenchmarkConfig, output_dir: Path, resume: bool, overwrite: bool,
+             policy: ThreadPolicy) -> str:
     return json.dumps({"config": config.to_dict(), "output_dir": str(output_dir),
                        "resume": resume, "overwrite": overwrite, "progress": False,
+                       "thread_policy": policy.to_dict(),
                        "parent_pid": os.getpid()})  # the worker dies with this process
 
 
 def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: bool,
-                  jobs: int, overwrite: bool = False, pass_fds: Sequence[int] = ()) -> None:
+                  jobs: int, overwrite: bool = False, pass_fds: Sequence[int] = (),
+                  threads: str = "auto") -> None:
     """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
-    forwarded so that every child checkpoints. A failed child fails the ablation."""
+    forwarded so that every child checkpoints. A failed child fails the ablation. Each child's
+    threads are chosen as it starts (``threads``: "auto" or a number, bkbench.threads)."""
     pending, running, failed = list(configs), [], []
     started, finished = time.time(), 0
     forward = lambda signum, _frame: [p.send_signal(signum) for _, p in running]  # noqa: E731
@@ -85,9 +91,11 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
         while pending or running:
             while pending and len(running) < jobs:
                 c = pending.pop(0)
+                policy = choose_threads(threads)
                 running.append((c, subprocess.Popen(
-                    [sys.executable, "-m", "bkbench.worker", _payload(c, output_dir, resume, overwrite)],
-                    pass_fds=tuple(pass_fds))))
+                    [sys.executable, "-m", "bkbench.worker",
+                     _payload(c, output_dir, resume, overwrite, policy)],
+                    pass_fds=tuple(pass_fds), env={**os.environ, **policy.environ()})))
             c, proc = running[0]
             code = proc.wait()
             running.pop(0)
@@ -109,17 +117,18 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
 
 def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequence[int] | None = None,
                  jobs: int = 1, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, threads: str = "auto") -> dict[str, Any]:
     """Train every row (per seed), then write the ablation table; return it. The output
     folder is locked throughout, its workers included (bkbench.runlock)."""
     from ..runlock import FolderLock
     with FolderLock(output_dir) as folder:
         return _run_ablation(base, Path(output_dir), folder, seeds, jobs, resume, overwrite,
-                             progress)
+                             progress, threads)
 
 
 def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequence[int] | None,
-                  jobs: int, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
+                  jobs: int, resume: bool, overwrite: bool, progress: bool,
+                  threads: str) -> dict[str, Any]:
     from ..benchmark import WikiText2Benchmark
 
     table_path = output_dir / ABLATION_FILE
@@ -134,7 +143,7 @@ def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequen
     configs = list(rows.values())
     if seeds:
         configs = expand_seeds(configs, seeds)
-    bench = WikiText2Benchmark(output_dir, progress=progress)
+    bench = WikiText2Benchmark(output_dir, progress=progress, threads=threads)
     from ..train import resolve_device, steps_per_epoch
     from ..validation import check_model_size, check_selection_pool
     data = bench.load_data(configs[0])   # data, training size and each row's memory and
@@ -148,7 +157,7 @@ def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequen
     if jobs == 1:
         bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
     else:
-        _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds)
+        _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds, threads)
     results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
                for c in configs}
     table = build_table(rows, results, seeds, parallel_jobs=jobs)

@@ -109,12 +109,13 @@ def sweep_configs(bases: Sequence[Any], axis: str, values: Sequence[int],
 
 
 def run_size_sweep(planned: Sequence[tuple[str, int, int, Any]], axis: str, output_dir: Path,
-                   progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                   progress: bool = True, overwrite: bool = False,
+                   threads: str = "auto") -> dict[str, Any]:
     """Train (or, with finished results of the same config, reuse) every planned run, then fit."""
     from ..atomic import write_json_atomic
     from ..benchmark import WikiText2Benchmark
 
-    bench = WikiText2Benchmark(output_dir, progress=progress)
+    bench = WikiText2Benchmark(output_dir, progress=progress, threads=threads)
     points = []
     for model, v, seed, config in planned:
         started = (bench.results_path(config.model_name).exists()
@@ -290,7 +291,7 @@ def main_from_args(args, axis: str, values: list[int],
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     table = run_size_sweep(planned, axis, args.output_dir, progress=not args.quiet,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, threads=args.threads or "auto")
     print(format_size_scaling(table))
     print(f"\nwritten: {args.output_dir / 'size_scaling.json'}, size_scaling.png")
     return 0
