@@ -271,6 +271,26 @@ def test_block_routing_runs_the_moe_and_mixer_on_the_routed_tokens_only():
     assert torch.equal(block.moe.last_counts.sum(), torch.tensor(n))
 
 
+def test_a_token_stopped_by_a_depth_policy_is_never_routed_and_keeps_its_state():
+    from bkbench.models.layers.depth import TokenSkip
+    B, T = 4, 16
+    model, _ = built(config(use_sparse_bk=True, dropout=0.0))
+    model.eval()
+    block = model.blocks[1]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, 16, generator=g)
+    skip = TokenSkip(x)
+    skip.running = torch.rand(B * T, generator=g) < 0.5
+    with torch.no_grad():
+        block.router.bias.fill_(10.0)        # the router alone would route every token
+        out = block(x, skip)
+    running = skip.running.view(B, T)
+    assert torch.equal(block.router.last_routed, running)
+    assert skip.rows_per_layer == [int(running.sum())]
+    assert torch.equal(out[~running], x[~running])
+    assert not torch.equal(out[running], x[running])
+
+
 # --- counted FLOPs -------------------------------------------------------------------------
 
 def test_counted_forward_flops_fall_with_each_flag():
@@ -339,6 +359,8 @@ def test_training_records_what_each_flag_measured():
     assert all(p <= 16 for p in sp["held_out"]["padded_length_per_layer"])
     assert sp["held_out"]["positions_per_layer"] == [16, 8, 8, 16]
     assert sp["forward_flops"]["mixer_with"] < sp["forward_flops"]["mixer_without"]
+    assert sp["forward_flops"]["feed_forward_with"] < sp["forward_flops"]["feed_forward_without"]
+    assert "held-out tokens" in sp["forward_flops"]["how"]
     assert sp["term_per_epoch"] and sp["router_parameters"] == 4 * 17
 
 
