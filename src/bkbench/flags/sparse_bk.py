@@ -44,11 +44,13 @@ Settings (``sparse_bk_<field>``)
     ``record_windows`` (held-out windows for the recorded share), ``timing_repeats``.
 
 Cost
-    Scope block: per token and layer a LayerNorm (about 8d FLOPs, on every token: the router
-    reads it) and the router (2d); the MoE gate and experts (about 12d^2 at top-1), and the
-    mixer (2dK + 10K + 4Kd per site), run on the routed share s only (plus at most 15 padding
-    rows per layer and the chains' end padding), so the block's counted FLOPs fall to about s
-    of the plain block's. The gathers are index copies (not counted); the LM head, most of the
+    Scope block: per token and layer a LayerNorm (O(d), on every token: the router reads it)
+    and the router (2d FLOPs, counted under the ``other`` component); the MoE gate and experts
+    (about 8d^2 + 2dE at top-1) and the mixer (2dK + 10K + 4Kd per site) run on the routed
+    share s only, plus padding (the gathered rows and each expert's rows to multiples of 16,
+    the chains' ends to the longest chain), so the block's counted feed-forward and mixer
+    FLOPs fall to about s of the plain block's (the tests check exactly s where no padding
+    arises). The gathers are index copies (not counted); the LM head, most of the
     cost at word vocabularies, is unchanged. Each routed layer reads its per-sequence routed
     counts to the host once (``counts.tolist()``): the gathered row count and chain length
     are tensor shapes, which the host must know to allocate them. That is one device
