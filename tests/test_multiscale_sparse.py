@@ -107,11 +107,15 @@ def test_hourglass_without_the_full_shift_leaks_and_the_audit_catches_it(factor,
     dict(use_multi_scale=True, multi_scale_factor=3, n_seq=15),
     dict(use_multi_scale=True, multi_scale_outer_layers=0),
     dict(use_sparse_bk=True),
+    dict(use_sparse_bk=True, sparse_bk_scope="mixer"),
+    dict(use_sparse_bk=True, use_act=True),
+    dict(use_sparse_bk=True, use_early_exit=True),
     dict(use_multi_scale=True, use_sparse_bk=True),
     dict(use_multi_scale=True, use_sparse_bk=True, use_koopman=True, use_physics_informed=True,
          use_analytic_gradient=True, koopman_record_windows=2,
          physics_informed_record_windows=2),
-], ids=["k2", "k3_odd_length", "all_middle", "sparse", "both", "both_and_objectives"])
+], ids=["k2", "k3_odd_length", "all_middle", "sparse", "sparse_mixer", "sparse_act",
+        "sparse_early_exit", "both", "both_and_objectives"])
 def test_flags_are_causal_in_eval_and_train_mode(changes):
     cfg = config(**changes)
     model, flags = built(cfg)
@@ -134,7 +138,7 @@ def test_causal_with_the_part_one_flags_and_in_the_evaluated_model():
         evaluated = flags.prepare_for_eval(model)
         assert audit_causality(evaluated, V, seq_len=16, modes=("eval",)).causal
     assert any(isinstance(s, ShortenedStage) for s in evaluated.stages)
-    assert isinstance(evaluated.blocks[1].bk.router, sbk.ChainRouter)
+    assert isinstance(evaluated.blocks[1].router, sbk.BlockRouter)
 
 
 def test_layer_objectives_read_the_middle_states_at_full_resolution():
@@ -160,7 +164,7 @@ def test_chain_length_is_the_routed_count_and_unrouted_tokens_get_no_mixer_outpu
     pattern = torch.rand(B, T, generator=g) < 0.4
     pattern[0] = False     # one sequence routes nothing, another everything
     pattern[1] = True
-    model, _ = built(config(use_sparse_bk=True, batch_size=B))
+    model, _ = built(config(use_sparse_bk=True, sparse_bk_scope="mixer", batch_size=B))
     force_routing(model, pattern)
     chains = []
     import bkbench.models.resnet_bk as rbk
@@ -200,9 +204,91 @@ def test_share_loss_pulls_the_router_toward_the_target():
     _, terms = t.compute_loss(tokens(), tokens(seed=2))
     share = sum(r.last_routed.float().mean().item() for r in sbk.chain_routers(t.model)) / 4
     assert terms["sparse_bk"].item() > 0 and share > 0.25
-    bias = t.model.blocks[0].bk.router.bias
+    bias = t.model.blocks[0].router.bias
     (grad,) = torch.autograd.grad(terms["sparse_bk"], [bias])
     assert grad.item() > 0      # descent lowers the gate: fewer tokens routed
+
+
+def naive_routed_block(block, x):
+    """Reference for Block.forward under a BlockRouter (Mixture-of-Depths): the MoE on every
+    token, then each sequence's routed tokens alone through the BK mixer; a routed token takes
+    x + gate * (f + BK(f)), the others keep x."""
+    h = block.ln(x)
+    logit = block.router(h).squeeze(-1)
+    routed, gate = logit > 0, torch.sigmoid(logit)
+    f = block.moe(h)
+    out = []
+    for b in range(x.shape[0]):
+        pos = routed[b].nonzero().squeeze(1)
+        chain = f[b, pos].unsqueeze(0)
+        update = torch.zeros_like(x[b]).index_copy(0, pos, (chain + block.bk(chain))[0])
+        out.append(x[b] + gate[b].unsqueeze(-1) * update)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("B,T,seed", [(5, 13, 0), (8, 16, 1), (3, 7, 2)])
+def test_block_routing_matches_the_naive_reference(B, T, seed):
+    model, _ = built(config(use_sparse_bk=True, dropout=0.0))
+    block = model.blocks[1]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 16, generator=g)
+    with torch.no_grad():     # a router with a spread of logits; one sequence routes nothing
+        block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g))
+        x[0] = -block.router.weight.sign() * (1 + torch.rand(T, 16, generator=g))
+    x.requires_grad_(True)
+    model.eval()
+    fast = block(x)
+    routed = block.router.last_routed
+    assert not routed[0].any() and 0 < routed.float().mean() < 1
+    w = torch.randn(B, T, 16, generator=g)
+    params = [x, block.router.weight, block.moe.experts[0].fc.weight, block.bk.v_proj.weight]
+    grads = torch.autograd.grad((fast * w).sum(), params)
+    with sbk.dense_mixers(model):      # the block's own modules, every token (the plain path)
+        slow = naive_routed_block(block, x)
+        slow_grads = torch.autograd.grad((slow * w).sum(), params)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # an unrouted token passes the block untouched, bit for bit
+    assert torch.equal(fast[~routed], x[~routed])
+
+
+def test_block_routing_runs_the_moe_and_mixer_on_the_routed_tokens_only():
+    B, T = 16, 16
+    pattern = torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.3
+    model, _ = built(config(use_sparse_bk=True, batch_size=B))
+    force_routing(model, pattern)
+    rows, chains = [], []
+    block = model.blocks[2]
+    block.moe.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    block.bk.register_forward_pre_hook(lambda m, a: chains.append(a[0].shape))
+    model.eval()
+    with torch.no_grad():
+        model(tokens(batch=B, seq=T))
+    n = int(pattern.sum())
+    assert rows == [n + (-n % 16)]                    # gathered rows, padded to 16
+    assert chains == [(B, int(pattern.sum(1).max()), 16)]
+    assert torch.equal(block.moe.last_counts.sum(), torch.tensor(n))
+
+
+def test_a_token_stopped_by_a_depth_policy_is_never_routed_and_keeps_its_state():
+    from bkbench.models.layers.depth import TokenSkip
+    B, T = 4, 16
+    model, _ = built(config(use_sparse_bk=True, dropout=0.0))
+    model.eval()
+    block = model.blocks[1]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, 16, generator=g)
+    skip = TokenSkip(x)
+    skip.running = torch.rand(B * T, generator=g) < 0.5
+    with torch.no_grad():
+        block.router.bias.fill_(10.0)        # the router alone would route every token
+        out = block(x, skip)
+    running = skip.running.view(B, T)
+    assert torch.equal(block.router.last_routed, running)
+    assert skip.rows_per_layer == [int(running.sum())]
+    assert torch.equal(out[~running], x[~running])
+    assert not torch.equal(out[running], x[running])
 
 
 # --- counted FLOPs -------------------------------------------------------------------------
@@ -216,7 +302,7 @@ def test_counted_forward_flops_fall_with_each_flag():
     h = measure_forward_flops(hour, 16, 16, V)
     assert h["forward"] < base["forward"]
     assert h["by_component"]["mixer"] * 4 == base["by_component"]["mixer"] * 3   # 2 of 4 at N/2
-    sparse, _ = built(config(use_sparse_bk=True, **base_cfg))
+    sparse, _ = built(config(use_sparse_bk=True, sparse_bk_scope="mixer", **base_cfg))
     half = torch.zeros(16, 16, dtype=torch.bool)
     half[:, ::2] = True                          # share 1/2 in every sequence
     force_routing(sparse, half)
@@ -226,6 +312,34 @@ def test_counted_forward_flops_fall_with_each_flag():
     # router 2d per token, the mixer's products and BK-Core on half of the tokens
     per_token = 2 * d + (2 * d + 10 + 4 * d) / 2
     assert s["by_component"]["mixer"] == 4 * 16 * 16 * per_token
+
+
+def test_block_routing_counts_the_feed_forward_and_mixer_flops_of_the_routed_share():
+    # one expert and shares that keep every row count a multiple of 16: no padding, exact
+    B = T = 16
+    model, _ = built(config(use_sparse_bk=True, num_experts=1, top_k=1, batch_size=B))
+
+    def counted(pattern):
+        hooks = force_routing(model, pattern)
+        try:
+            return measure_forward_flops(model, B, T, V)["by_component"]
+        finally:
+            for h in hooks:
+                h.remove()
+    none = counted(torch.zeros(B, T, dtype=torch.bool))
+    every = counted(torch.ones(B, T, dtype=torch.bool))
+    with sbk.dense_mixers(model):
+        plain = measure_forward_flops(model, B, T, V)["by_component"]
+    assert every["feed_forward"] == plain["feed_forward"] and every["mixer"] == plain["mixer"]
+    moe_plain = plain["feed_forward"] - none["feed_forward"]   # none: the LayerNorm alone
+    assert moe_plain > 0.9 * plain["feed_forward"]
+    assert none["mixer"] * T == plain["mixer"]      # nothing routed: one padding site a chain
+    for stride in (2, 4):      # share 1/2, 1/4 of every sequence
+        pattern = torch.zeros(B, T, dtype=torch.bool)
+        pattern[:, ::stride] = True
+        got = counted(pattern)
+        assert (got["feed_forward"] - none["feed_forward"]) * stride == moe_plain
+        assert got["mixer"] * stride == plain["mixer"]
 
 
 # --- training, records, resume -------------------------------------------------------------
@@ -245,6 +359,8 @@ def test_training_records_what_each_flag_measured():
     assert all(p <= 16 for p in sp["held_out"]["padded_length_per_layer"])
     assert sp["held_out"]["positions_per_layer"] == [16, 8, 8, 16]
     assert sp["forward_flops"]["mixer_with"] < sp["forward_flops"]["mixer_without"]
+    assert sp["forward_flops"]["feed_forward_with"] < sp["forward_flops"]["feed_forward_without"]
+    assert "held-out tokens" in sp["forward_flops"]["how"]
     assert sp["term_per_epoch"] and sp["router_parameters"] == 4 * 17
 
 

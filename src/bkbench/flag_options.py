@@ -30,7 +30,7 @@ FLAG_HELP = {
     'use_multi_scale':
         'causal hourglass: shift right by k-1, mean-pool by k before the middle blocks, which run on N/k positions, then upsample and add the residual (resnet_bk)',
     'use_sparse_bk':
-        'learned per-token routing into the BK chain: the BK-Core runs on the shorter chain of routed tokens only, the others pass through the residual (resnet_bk)',
+        'Mixture-of-Depths routing of each block: a token whose own router logit is > 0 runs the block (MoE on the gathered rows, BK on the chain of routed tokens), the others keep their state (residual only) (resnet_bk)',
     'use_curriculum':
         "competence-based curriculum: each step's batch drawn from the easiest c(s) share of the windows, ranked by an n-gram NLL fitted on the training split (sqrt pacing) (transformer, resnet_bk)",
     'use_active_learning':
@@ -103,6 +103,8 @@ SETTINGS = {
         'use_multi_scale: blocks at full resolution at each end (needs n_layers >= 2 * this + 1) (default: 1)'),
     'multi_scale_timing_repeats': ('int',
         'use_multi_scale: eval forwards timed with and without the hourglass for the record (default: 3)'),
+    'sparse_bk_scope': ('str',
+        "use_sparse_bk: 'block': route the whole block (MoE and BK mixer, Mixture-of-Depths); 'mixer': route the BK chain only (every token runs the MoE) (default: 'block')"),
     'sparse_bk_target_share': ('float',
         'use_sparse_bk: wanted fraction of tokens routed into the BK chain, in (0, 1] (default: 0.5)'),
     'sparse_bk_weight': ('float',

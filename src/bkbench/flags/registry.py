@@ -107,10 +107,12 @@ REGISTRY: dict[str, FlagSpec] = {spec.name: spec for spec in (
              "positions per block; counted forward FLOPs and eval time with and without",
              multi_scale.MultiScaleSettings),
     FlagSpec("use_sparse_bk", ("resnet_bk",), sparse_bk, sparse_bk.SparseBK,
-             "learned per-token routing into the BK chain: the BK-Core runs on the shorter "
-             "chain of routed tokens only, the others pass through the residual",
+             "Mixture-of-Depths routing of each block: a token whose own router logit is > 0 "
+             "runs the block (MoE on the gathered rows, BK on the chain of routed tokens), "
+             "the others keep their state (residual only)",
              "routed share (train and held-out) and chain lengths per layer; the share loss "
-             "term; counted forward FLOPs and eval time with and without",
+             "term; counted forward FLOPs (mixer, feed_forward) on held-out text and eval time "
+             "with and without",
              sparse_bk.SparseBKSettings),
     FlagSpec("use_curriculum", ("transformer", "resnet_bk"), curriculum, curriculum.Curriculum,
              "competence-based curriculum: each step's batch drawn from the easiest c(s) share of "

@@ -1,16 +1,24 @@
-"""``use_sparse_bk``: learned per-token routing into the BK chain - shorter chains for real.
+"""``use_sparse_bk``: Mixture-of-Depths routing of the ResNet-BK block - tokens skip a block for real.
 
 What it does
-    Each ResNet-BK block's BK mixer gets a router, a Linear(d, 1) on the token's own
-    feed-forward output f_t: the token is a *site* of the BK chain when its gate probability
-    p_t = sigmoid(router(f_t)) exceeds 1/2 (the logit is > 0). Per sequence, the routed
-    tokens are gathered in their order into a shorter chain; the potential projection, the
-    BK-Core and the feature projection run on that chain only; the results go back to the
-    routed positions, weighted by p_t (so that the task loss reaches the router), and an
-    unrouted token's mixer output is 0: it passes through the block as f_t alone (the
-    residual path). Sequences of a batch route different numbers of tokens; the chains are
-    padded at their END to the longest one (rounded up so that the rows of the batch are a
-    multiple of 16, see Causality), and the padding sites are never read.
+    Each ResNet-BK block gets a router, a Linear(d, 1) on the block's normalized input
+    h_t = LN(x_t): the token runs the block when its gate p_t = sigmoid(router(h_t)) exceeds
+    1/2 (the logit is > 0), decided from its own state alone. The routed tokens' rows of h are
+    gathered (padded with zero rows to a multiple of 16, as ``models/layers/depth.py`` does),
+    the MoE feed-forward runs on them only, f = MoE(h); per sequence the routed tokens form, in
+    their order, a shorter chain on which the BK mixer runs (potential projection, BK-Core,
+    feature projection). A routed token's new state is x_t + p_t * (f_t + BK(f)_t) (the gate
+    makes the task loss train the router); an unrouted token keeps x_t (the residual alone): it
+    costs the block neither the MoE nor a site of the chain. Sequences of a batch route
+    different numbers of tokens; the chains are padded at their END to the longest one
+    (rounded up so that the rows of the batch are a multiple of 16, see Causality), and the
+    padding sites are never read.
+
+    With ``sparse_bk_scope = mixer`` the router instead sits on the BK mixer and reads the
+    token's feed-forward output f_t: every token runs the MoE, and only the chain is routed (an
+    unrouted token's block update is f_t alone). The mixer is about 1% of a block's work at the
+    default preset (its own record: forward FLOPs with/without 0.99999), so this scope saves
+    next to nothing; it stays as the ablation that shows why routing must cover the MoE.
 
     An auxiliary loss keeps the routed share near ``target_share``::
 
@@ -21,48 +29,62 @@ What it does
     gate probability).
 
 Paper
-    The routing is that of Mixture-of-Depths (D. Raposo et al., "Mixture-of-Depths:
-    Dynamically allocating compute in transformer-based language models", arXiv:2404.02258,
-    2024) applied to the sites of the BK chain, with a per-token threshold instead of their
-    top-k over the sequence, which would let a token's routing depend on later tokens. The
-    share loss follows the capacity losses of conditional computation (E. Bengio et al.,
-    "Conditional Computation in Neural Networks for faster models", 2015).
+    Mixture-of-Depths (D. Raposo et al., "Mixture-of-Depths: Dynamically allocating compute in
+    transformer-based language models", arXiv:2404.02258, 2024): a router per block, routed
+    tokens run the block scaled by their router weight, the others take the residual path, and
+    the mixer (their attention, our BK chain) sees the routed tokens only. We threshold each
+    token's own logit instead of their top-k over the sequence, which would let a token's
+    routing depend on later tokens (their fix is a second, causal predictor); the share loss
+    that replaces their fixed capacity follows the capacity losses of conditional computation
+    (E. Bengio et al., "Conditional Computation in Neural Networks for faster models", 2015).
 
 Settings (``sparse_bk_<field>``)
+    ``scope`` (``block``: route the whole block; ``mixer``: the BK chain only),
     ``target_share`` (wanted fraction of routed tokens), ``weight`` (of the share loss),
     ``record_windows`` (held-out windows for the recorded share), ``timing_repeats``.
 
 Cost
-    A Linear(d, 1) router per token and layer (2d FLOPs), against the potential projection
-    (2dK), the BK-Core (10K per site) and the feature projection (4Kd) that now run on the
-    routed sites (plus padding) only: with K = 1 the counted mixer FLOPs fall once the padded
-    share is below about 2/3. The gathers are index copies (not counted). The block's MoE
-    feed-forward and the LM head are unchanged, so the whole forward falls by a few percent.
+    Scope block: per token and layer a LayerNorm (O(d), on every token: the router reads it)
+    and the router (2d FLOPs, counted under the ``other`` component); the MoE gate and experts
+    (about 8d^2 + 2dE at top-1) and the mixer (2dK + 10K + 4Kd per site) run on the routed
+    share s only, plus padding (the gathered rows and each expert's rows to multiples of 16,
+    the chains' ends to the longest chain), so the block's counted feed-forward and mixer
+    FLOPs fall to about s of the plain block's (the tests check exactly s where no padding
+    arises). The gathers are index copies (not counted); the LM head, most of the
+    cost at word vocabularies, is unchanged. Each routed layer reads its per-sequence routed
+    counts to the host once (``counts.tolist()``): the gathered row count and chain length
+    are tensor shapes, which the host must know to allocate them. That is one device
+    synchronization per layer on an accelerator (free on the CPU); every index map is then
+    built on the device, with no ``nonzero``. Avoiding it would need a fixed capacity, i.e.
+    shapes that no longer follow the routing.
 
 What it records
-    Routed share per layer, during training (mean over steps) and on held-out text; the
-    chains' mean routed length and padded length per layer; the share loss per epoch; the
-    counted forward FLOPs (and the mixer component) with and without routing, the same
-    weights both ways; eval-forward time with and without.
+    The scope; routed share per layer, during training (mean over steps) and on held-out text;
+    the chains' mean routed length and padded length per layer; the share loss per epoch; the
+    counted forward FLOPs with and without routing on held-out windows (total, mixer and
+    feed_forward components; the same weights both ways); eval-forward time with and without.
 
 With other flags
-    The router is set on the BK mixer itself (``blocks.<i>.bk.router``; the mixer keeps its
-    parameters and hooks), so use_analytic_gradient and use_mixed_precision act on it as on a
-    BK mixer: under mixed precision the router and the routed chain run in float32 with the
-    rest of the mixer. use_quantization, applied before this flag in registry order,
-    fake-quantizes the mixer's projections but leaves the router a float Linear (d + 1
-    parameters per layer).
+    The router is a float Linear set after use_quantization has fake-quantized the block's
+    Linears (d + 1 parameters per layer); the MoE and the mixer are the block's own modules,
+    called as modules, so use_analytic_gradient and use_mixed_precision act on them as in the
+    plain block (under mixed precision the mixer on the chain runs in float32, its island).
+    With per-token depth policies (use_act, use_early_exit) a token runs a block only while
+    it both runs (has not halted or exited) and is routed; a stopped token is never routed.
+    use_multi_scale's shortened middle blocks route their pooled positions.
 
 Causality
-    Routing is a function of each token's own state, so the chain of routed tokens up to t
-    depends only on tokens <= t, and the causal BK recurrence reads the sites before a site
-    only: the padding at the end of each chain cannot reach a real site. The chain length of
-    the batch depends on every token (later ones included); what must not depend on it are
-    the bits of a site's result. The BK-Core computes each row sequentially, whatever its
-    length; the two projections run on (batch x padded length) rows, kept a multiple of 16 so
-    that CPU matrix kernels stay in the regime where a row's result does not depend on the
-    row count (as the MoE experts' padding, ``models/resnet_bk.py``). The audit checks it
-    bit for bit. The bidirectional core is refused: there the end padding would reach back.
+    Routing is a function of each token's own state, so the rows and the chain of routed
+    tokens up to t depend only on tokens <= t, and the causal BK recurrence reads the sites
+    before a site only: the padding at the end of each chain cannot reach a real site. The
+    number of routed tokens of the batch depends on every token (later ones included); what
+    must not depend on it are the bits of a token's result. The BK-Core computes each row
+    sequentially, whatever its length; the MoE's rows are padded to a multiple of 16 and the
+    mixer's projections run on (batch x padded length) rows, kept a multiple of 16, so that
+    CPU matrix kernels stay in the regime where a row's result does not depend on the row
+    count (as the MoE experts' padding, ``models/resnet_bk.py``). The audit checks it bit for
+    bit in train and eval mode. The bidirectional core is refused: there the end padding
+    would reach back.
 """
 
 from __future__ import annotations
@@ -75,7 +97,8 @@ import torch.nn as nn
 
 from ..hooks import Flag, RunContext
 from ..metrics.with_without import forward_with_and_without
-from ..models.layers.sparse_bk import add_routers, chain_routers, dense_mixers, layer_stats
+from ..models.layers.sparse_bk import (SCOPES, add_routers, chain_routers, dense_mixers,
+                                       layer_stats)
 from ..models.resnet_bk import BKMixer
 from ..objectives.layer_states import held_out_windows
 from .meter import EpochMeter
@@ -83,6 +106,9 @@ from .meter import EpochMeter
 
 @dataclass
 class SparseBKSettings:
+    scope: str = field(default="block", metadata={
+        "help": "'block': route the whole block (MoE and BK mixer, Mixture-of-Depths); "
+                "'mixer': route the BK chain only (every token runs the MoE)"})
     target_share: float = field(default=0.5, metadata={
         "help": "wanted fraction of tokens routed into the BK chain, in (0, 1]"})
     weight: float = field(default=0.1, metadata={
@@ -93,6 +119,9 @@ class SparseBKSettings:
         "help": "eval forwards timed with and without routing for the record"})
 
     def validate(self, config) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"sparse_bk_scope must be one of {', '.join(SCOPES)}, got "
+                             f"{self.scope!r}")
         if not 0 < self.target_share <= 1:
             raise ValueError(f"sparse_bk_target_share must be in (0, 1], got {self.target_share}")
         if not self.weight >= 0:
@@ -109,8 +138,8 @@ class SparseBK(Flag):
         blocks = getattr(model, "blocks", None)
         if blocks is None or not all(isinstance(getattr(b, "bk", None), BKMixer) for b in blocks):
             raise ValueError("use_sparse_bk needs a ResNet-BK model (a BK mixer in every block)")
-        add_routers(model)
-        model.flops_vary_per_step = True     # the chain lengths follow the routing
+        add_routers(model, self.settings.scope)
+        model.flops_vary_per_step = True     # the routed rows and chains follow the routing
         layers = len(blocks)
         self.meter = EpochMeter(term=0.0, share_per_layer=[0.0] * layers)
         # over the whole run, never closed: the record's training means
@@ -163,8 +192,11 @@ class SparseBK(Flag):
         train["share"] = sum(train["share_per_layer"]) / len(train["share_per_layer"])
         batch = max(1, cfg.batch_size // run.world)
         windows = held_out_windows(run.data.valid, cfg.n_seq, batch).to(run.device)
+        # the routing follows the text: its FLOPs are counted on held-out windows too
+        counted = held_out_windows(run.data.valid, cfg.n_seq + 1, batch).to(run.device)
         measured = forward_with_and_without(model, lambda: dense_mixers(model), windows, batch,
-                                            self.settings.timing_repeats, seed=cfg.seed)
+                                            self.settings.timing_repeats, seed=cfg.seed,
+                                            flop_windows=counted)
         return {"target_share": self.settings.target_share, "train": train,
                 "held_out": self.held_out(model, run.data.valid, run.device),
                 "term_per_epoch": self.meter.epochs,

@@ -69,21 +69,25 @@ def interleaved_medians(timed_with: Callable[[], float | Sequence[float]],
 
 def forward_with_and_without(model: nn.Module, switched_off: Callable[[], AbstractContextManager],
                              windows: torch.Tensor, batch_size: int, repeats: int,
-                             seed: int = 0) -> dict[str, Any]:
+                             seed: int = 0,
+                             flop_windows: torch.Tensor | None = None) -> dict[str, Any]:
     """A structural flag's record: counted forward FLOPs and eval-forward time of ``model``
     with its flag's structure and inside ``switched_off()`` (the plain structure, same weights).
 
     FLOPs: ``measure_forward_flops`` (one eval forward with the loss, its component split) on
-    ``batch_size`` x ``windows.shape[1]`` seeded tokens; time: no-grad feature forwards of the
-    held-out ``windows`` (the LM head, which no structural flag changes, left out).
+    ``batch_size`` x ``windows.shape[1]`` seeded tokens, or on ``flop_windows`` (n,
+    windows.shape[1] + 1) of held-out text when the work depends on the input (routing);
+    time: no-grad feature forwards of the held-out ``windows`` (the LM head, which no
+    structural flag changes, left out).
     """
     device = windows.device
     vocab, seq_len = model.lm_head.out_features, windows.shape[1]
-    flops = {"with": measure_forward_flops(model, batch_size, seq_len, vocab, device=device,
-                                           seed=seed)}
+    if flop_windows is not None:
+        batch_size = flop_windows.shape[0]
+    counted = dict(device=device, seed=seed, windows=flop_windows)
+    flops = {"with": measure_forward_flops(model, batch_size, seq_len, vocab, **counted)}
     with switched_off():
-        flops["without"] = measure_forward_flops(model, batch_size, seq_len, vocab,
-                                                 device=device, seed=seed)
+        flops["without"] = measure_forward_flops(model, batch_size, seq_len, vocab, **counted)
 
     def plain() -> None:
         with switched_off():
@@ -107,7 +111,9 @@ def forward_with_and_without(model: nn.Module, switched_off: Callable[[], Abstra
                           "feed_forward_with": component("with", "feed_forward"),
                           "feed_forward_without": component("without", "feed_forward"),
                           "how": f"FlopCounterMode, one eval forward with the loss, batch "
-                                 f"{batch_size} x {seq_len}, the same weights both ways"},
+                                 f"{batch_size} x {seq_len} of "
+                                 f"{'random' if flop_windows is None else 'held-out'} tokens, "
+                                 f"the same weights both ways"},
         "eval_forward_ms": {"with": seconds["with"] * 1e3, "without": seconds["without"] * 1e3,
                             "ratio": seconds["ratio"],
                             "how": f"no-grad feature forwards (no LM head) of {len(windows)} "

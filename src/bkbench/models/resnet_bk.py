@@ -19,8 +19,8 @@ structural flag runs some differently (``use_multi_scale``'s shortened middle). 
 tokens stop computing before the last layer (``use_act``, ``use_early_exit``) install *depth
 policies* on ``depth_policies``; the stages then run through ``models/layers/depth.py``, which
 runs the feed-forward on the still-running tokens' gathered rows only and keeps every position
-in the BK chain. A BK mixer's chain is every position unless a router (``use_sparse_bk``)
-chooses its sites.
+in the BK chain. A block runs every token, and a BK mixer's chain is every position, unless a
+router (``use_sparse_bk``) chooses which tokens run the block or are sites of the chain.
 
 ``bk_mode="bidirectional"`` uses the full-chain resolvent of the published model; it sees the
 future, is not a valid language model, and exists to be studied (the causality audit fails it).
@@ -380,8 +380,13 @@ class Block(nn.Module):
         self.moe = MoEFeedForward(cfg)
         self.bk = BKMixer(cfg)
         self.dropout = KeyedDropout(cfg.dropout)
+        # which tokens run the block: None, every token; use_sparse_bk sets a router here
+        # (models/layers/sparse_bk.py) whose ``run_block`` runs the routed tokens only
+        self.router: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, skip: "TokenSkip | None" = None) -> torch.Tensor:
+        if self.router is not None and not self.router.dense:
+            return self.router.run_block(self, x, skip)
         if skip is not None:   # some tokens stopped computing (ACT, early exit): gathered path
             return skip.run_block(self, x)
         f = self.moe(self.ln(x))
