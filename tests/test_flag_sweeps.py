@@ -198,7 +198,7 @@ def test_docs_render_each_flags_sweep_in_its_section(tmp_path, capsys):
     doc = capsys.readouterr().out
     pruning = section(doc, "use_pruning")
     assert "`pruning_target_sparsity` swept on the **validation** split" in pruning
-    assert "PROXY split scheme" in pruning
+    assert "PROXY split scheme, commit abc)" in pruning
     assert "python -m bkbench.experiments.flag_sweeps" in pruning
     sweep_part = pruning[pruning.index("Default settings:"):]
     lines = [line for line in sweep_part.splitlines() if line.startswith("| ")]

@@ -256,7 +256,12 @@ def build_sweeps(sweeps: Sequence[Sweep], results: Mapping[str, Any], *, preset:
         "tolerance": tolerance, "command": command,
         "setup": {k: v for k, v in base.config.items()
                   if k not in OPTIMIZATION_FLAGS and k not in ("model_name", "flag_settings")},
-        "environment": base.environment, "parallel_jobs": parallel_jobs,
+        "environment": base.environment,
+        # rows reused from another folder (--resume) may come from other commits
+        "commits": sorted({str(results[name].environment.get("git_commit"))
+                           for name in [BASELINE_ROW] + [row_name(s, v) for s in sweeps
+                                                         for v in s.values]}),
+        "parallel_jobs": parallel_jobs,
         "timing_note": (None if parallel_jobs == 1 else
                         f"rows ran {parallel_jobs} at a time and competed for the CPU: training "
                         "seconds and tokens/s are not comparable between rows"),

@@ -50,7 +50,7 @@ FLAG_SWEEPS_SCHEMA = {
         "baseline": {"type": "object", "required": list(_COSTS), "properties": _COSTS},
         "flags": {"type": "object", "additionalProperties": _FLAG},
         "not_swept": {"type": "object", "additionalProperties": _STR},
-        "environment": _OBJ, "setup": _OBJ, "parallel_jobs": {"type": "integer", "minimum": 1},
+        "environment": _OBJ, "setup": _OBJ, "commits": {"type": "array", "items": _STR}, "parallel_jobs": {"type": "integer", "minimum": 1},
         "timing_note": _nullable(_STR),
     }}
 Draft202012Validator.check_schema(FLAG_SWEEPS_SCHEMA)
@@ -96,9 +96,11 @@ def sweep_section(short: str, sweeps: dict[str, Any], flag: str) -> list[str]:
         return []
     base = sweeps["baseline"]
     scheme = sweeps["split_scheme"]
+    commits = sweeps.get("commits") or []
     out = [f"Default settings: `{short}_{entry['setting']}` swept on the **validation** split "
            f"(preset `{sweeps['preset']}`, seed {sweeps['seed']}"
            + (", PROXY split scheme" if scheme == "proxy" else f", {scheme} split scheme")
+           + (f", commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else "")
            + f"), by `{sweeps['command']}`. {entry['why_candidates']}", "",
            f"Rule: {entry['rule']}", ""]
     saving = entry["saving_figure"]
