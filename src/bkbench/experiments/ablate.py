@@ -129,8 +129,6 @@ def run_ablation(base: BenchmarkConfig, output_dir: str | Path, *, seeds: Sequen
 def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequence[int] | None,
                   jobs: int, resume: bool, overwrite: bool, progress: bool,
                   threads: str) -> dict[str, Any]:
-    from ..benchmark import WikiText2Benchmark
-
     table_path = output_dir / ABLATION_FILE
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; pass one of them")
@@ -143,12 +141,29 @@ def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequen
     configs = list(rows.values())
     if seeds:
         configs = expand_seeds(configs, seeds)
-    bench = WikiText2Benchmark(output_dir, progress=progress, threads=threads)
+    results = train_rows(configs, output_dir, folder, jobs=jobs, resume=resume,
+                         overwrite=overwrite, progress=progress, threads=threads)
+    table = build_table(rows, results, seeds, parallel_jobs=jobs)
+    write_json_atomic(table_path, table)
+    write_bytes_atomic(output_dir / "ablation.md", format_table(table).encode("utf-8"))
+    plot_ablation(table, output_dir / "ablation.png")
+    return table
+
+
+def train_rows(configs: Sequence[BenchmarkConfig], output_dir: Path, folder, *, jobs: int,
+               resume: bool, overwrite: bool, progress: bool,
+               threads: str = "auto") -> dict[str, BenchmarkResults]:
+    """Train every config as an isolated ``bkbench.worker`` run (``jobs`` at once) into the
+    locked ``folder``, after every check that can refuse one; their results by run name.
+    The ablation's rows and the flag sweeps' candidates both run through here."""
+    from ..benchmark import WikiText2Benchmark
     from ..train import resolve_device, steps_per_epoch
     from ..validation import check_model_size, check_selection_pool
+
+    bench = WikiText2Benchmark(output_dir, progress=progress, threads=threads)
     data = bench.load_data(configs[0])   # data, training size and each row's memory and
     steps_per_epoch(configs[0], data.train.numel())   # FLOP budget checked before any work
-    for c in rows.values():
+    for c in configs:
         check_model_size(c, len(data.vocab), resolve_device(c.device))
         check_selection_pool(c, (data.train.numel() - 1) // c.n_seq)
     for c in configs:  # no row may replace a finished run unless asked to
@@ -158,13 +173,8 @@ def _run_ablation(base: BenchmarkConfig, output_dir: Path, folder, seeds: Sequen
         bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
     else:
         _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds, threads)
-    results = {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
-               for c in configs}
-    table = build_table(rows, results, seeds, parallel_jobs=jobs)
-    write_json_atomic(table_path, table)
-    write_bytes_atomic(output_dir / "ablation.md", format_table(table).encode("utf-8"))
-    plot_ablation(table, output_dir / "ablation.png")
-    return table
+    return {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
+            for c in configs}
 
 
 def _values(results: dict[str, BenchmarkResults], row: str, seeds: Sequence[int] | None,

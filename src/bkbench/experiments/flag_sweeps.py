@@ -46,8 +46,8 @@ from ..config import OPTIMIZATION_FLAGS, PRESETS, BenchmarkConfig, ConfigError, 
 from ..fields import format_value
 from ..flags.registry import REGISTRY
 from ..flags.sweeps_doc import check_flag_sweeps, sweep_section
-from ..results import BenchmarkResults
-from .ablate import BASELINE_ROW, _run_parallel
+from ..threads import parse_threads
+from .ablate import BASELINE_ROW, train_rows
 
 SWEEPS_FILE = "flag_sweeps.json"
 TOLERANCE = 0.02
@@ -304,7 +304,8 @@ def select_sweeps(names: str | None) -> list[Sweep]:
 def run_sweeps(preset: str, overrides: Mapping[str, Any], output_dir: str | Path, *,
                sweeps: Sequence[Sweep] = SWEEPS, jobs: int = 1, resume: bool = False,
                overwrite: bool = False, progress: bool = True, tolerance: float = TOLERANCE,
-               command: str = "python -m bkbench.experiments.flag_sweeps") -> dict[str, Any]:
+               command: str = "python -m bkbench.experiments.flag_sweeps",
+               threads: str = "auto") -> dict[str, Any]:
     """Train every row (``bkbench ablate``'s way), then write the sweeps file; return it. The
     output folder is locked throughout, its workers included (bkbench.runlock)."""
     from ..runlock import FolderLock
@@ -322,8 +323,8 @@ def run_sweeps(preset: str, overrides: Mapping[str, Any], output_dir: str | Path
     base = build_run_configs(preset, {}, overrides, [MODEL])[0]
     rows = sweep_rows(base, sweeps)
     with FolderLock(output_dir) as folder:
-        results = _train_rows(list(rows.values()), output_dir, folder, jobs, resume, overwrite,
-                              progress)
+        results = train_rows(list(rows.values()), output_dir, folder, jobs=jobs, resume=resume,
+                             overwrite=overwrite, progress=progress, threads=threads)
         data = build_sweeps(sweeps, results, preset=preset, overrides=overrides,
                             command=command, tolerance=tolerance, parallel_jobs=jobs)
         write_json_atomic(output_dir / SWEEPS_FILE, data)
@@ -331,27 +332,11 @@ def run_sweeps(preset: str, overrides: Mapping[str, Any], output_dir: str | Path
     return data
 
 
-def _train_rows(configs: list[BenchmarkConfig], output_dir: Path, folder, jobs: int,
-                resume: bool, overwrite: bool, progress: bool) -> dict[str, BenchmarkResults]:
-    """Each row an isolated ``bkbench.worker`` run, after every check that can refuse it."""
-    from ..benchmark import WikiText2Benchmark
-    from ..train import resolve_device, steps_per_epoch
-    from ..validation import check_model_size, check_selection_pool
-
-    bench = WikiText2Benchmark(output_dir, progress=progress)
-    data = bench.load_data(configs[0])   # the data, training size and each row's model
-    steps_per_epoch(configs[0], data.train.numel())   # checked before any work
-    for c in configs:
-        check_model_size(c, len(data.vocab), resolve_device(c.device))
-        check_selection_pool(c, (data.train.numel() - 1) // c.n_seq)
-        bench.check_can_write(c, resume=resume, overwrite=overwrite)
-    bench.worker_fds = (folder.hold(),)   # the workers keep the folder locked while they live
-    if jobs == 1:
-        bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
-    else:
-        _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds)
-    return {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
-            for c in configs}
+def _threads(text: str) -> str:
+    try:
+        return parse_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -376,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep finished rows, continue the rest")
     p.add_argument("--overwrite", action="store_true", help="redo an existing sweep")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=_threads, default="auto", metavar="auto|N",
+                   help="torch threads per run, as `bkbench run --threads` (default: auto)")
     return p
 
 
@@ -395,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = run_sweeps(args.preset, overrides, output_dir, sweeps=select_sweeps(args.flags),
                           jobs=args.jobs, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.quiet, tolerance=args.tolerance,
+                          threads=args.threads,
                           command=shlex.join(["python", "-m", "bkbench.experiments.flag_sweeps",
                                               *argv]))
     except (ConfigError, DataError) as exc:
