@@ -589,7 +589,8 @@ class Trainer:
         # dropout masks keyed by (seed, step, position in the global batch): the same masks
         # for one process and for any number of ranks (models/dropout.py)
         positions = range(self.config.batch_size)[self.rank::self.world]
-        with dropout_key(self.config.seed, self.progress.step, positions):
+        with dropout_key(self.config.seed, self.progress.step, positions,
+                         self.config.batch_size):
             loss, terms = self.compute_loss(inputs, targets)
         ce_sum = terms["cross_entropy_sum"]
         if not torch.isfinite(loss):
