@@ -14,7 +14,8 @@ forward passes of equal shape see equal masks.
 
 Other per-sample draws of a training step key themselves alike: :func:`batch_positions` gives
 the current forward's samples as positions in the global batch, and the global batch's size
-(early exit samples its loss positions over the global batch, then keeps this shard's).
+(early exit samples its loss positions over the global batch, then keeps this shard's), and
+:func:`shard_weight` the weight of a mean over this shard's samples under DDP.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 _M64 = (1 << 64) - 1
@@ -94,6 +96,17 @@ def batch_positions(rows: int) -> tuple[tuple[int, ...], int]:
         raise ValueError(f"the batch key names {len(key.samples)} samples of a global batch of "
                          f"{key.batch}, the forward has {rows}: set both (dropout_key)")
     return tuple(key.samples), key.batch
+
+
+def shard_weight(rows: int) -> float:
+    """The factor of a mean over the current forward's ``rows`` samples that makes DDP's
+    average of the ranks' means the global batch's mean: this shard's share of the global
+    batch x the ranks. 1 with equal shards (exactly), without DDP and outside a training
+    step; else the shards of a batch that does not divide by the ranks weigh by their size."""
+    if _current.samples is None or not dist.is_initialized():
+        return 1.0
+    samples, batch = batch_positions(rows)
+    return len(samples) * dist.get_world_size() / batch
 
 
 class KeyedDropout(nn.Module):
