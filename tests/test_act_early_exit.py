@@ -236,6 +236,48 @@ def test_the_exits_term_is_the_depth_weighted_loss_of_each_earlier_exit(monkeypa
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_shards_exit_rows_are_the_global_choice_restricted_to_the_shard(world):
+    """Under DDP rank r holds samples r, r + world, ... of the global batch: its exit rows are
+    exactly the globally sampled rows that fall in those samples, in the global order."""
+    from bkbench.models.layers.early_exit import sampled_exit_rows, shard_rows
+    batch, seq = 5, 7
+    rows = sampled_exit_rows(batch * seq, 2, 0.6, torch.Generator().manual_seed(4))
+    for exit_rows in rows:
+        covered = []
+        for rank in range(world):
+            samples = range(batch)[rank::world]
+            local = shard_rows(exit_rows, samples, batch, seq)
+            as_global = torch.tensor([samples[int(i) // seq] * seq + int(i) % seq for i in local],
+                                     dtype=torch.long)
+            expected = exit_rows[torch.isin(exit_rows // seq, torch.tensor(list(samples)))]
+            assert torch.equal(as_global, expected)
+            covered.append(as_global)
+        assert torch.equal(torch.cat(covered).sort().values, exit_rows.sort().values)
+
+
+def test_the_shards_exits_terms_add_up_to_the_global_batchs():
+    """The exits term of each shard of a global batch (keyed by its samples' global positions,
+    as each rank's step is) adds up to the term of the whole batch in one process: the
+    positions are sampled over the global batch, and each shard's NLL sum is divided by the
+    global count. Sampled per shard, as before, they did not (and 2 ranks trained otherwise
+    than one process from step 2)."""
+    from bkbench.models.dropout import dropout_key
+    t = trainer(config(use_early_exit=True, moe_balance_weight=0.0, early_exit_positions=0.25,
+                       dropout=0.0, batch_size=5))
+    inputs, targets = tokens(batch=5)
+    t.model.train()
+    t.progress.step = 3
+    with torch.no_grad(), dropout_key(3, 3, range(5), 5):
+        whole = t.compute_loss(inputs, targets)[1]["exits"]
+    shards = []
+    for samples in (range(0, 5, 2), range(1, 5, 2)):
+        with torch.no_grad(), dropout_key(3, 3, samples, 5):
+            shards.append(t.compute_loss(inputs[samples.start::2], targets[samples.start::2])[1]["exits"])
+    assert torch.allclose(sum(shards), whole, rtol=1e-5)
+    assert all(s < whole for s in shards)   # each shard holds a part of the sampled rows
+
+
 def test_calibration_keeps_the_lowest_threshold_before_the_first_failure():
     """CALM's fixed sequence on the validation windows: highest threshold first, stop at the
     first whose perplexity exceeds full depth's by more than the tolerance."""

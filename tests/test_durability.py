@@ -231,10 +231,11 @@ def test_torchrun_trains_resnet_bk_full_through_expert_removal(full_one_and_two_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="since the best-faith flags, resnet_bk_full on 2 ranks "
-                   "parts from one process at step 2 (early exit's sampled loss positions and "
-                   "active learning's ranking are per shard): a known defect, see the README")
 def test_torchrun_trains_resnet_bk_full_like_one_process(full_one_and_two_ranks):
+    """2 ranks keep the experts one process keeps and train what it trains, up to the bfloat16
+    rounding of use_mixed_precision at a shard's shapes (measured: 4.9e-5 relative at most
+    over the 8 steps; 8.4e-7 without use_mixed_precision). With early exit's loss positions
+    sampled per shard, the losses parted by 2.6e-3 (1.5e-3 at step 3)."""
     one, two = full_one_and_two_ranks
     assert _experts(two)["kept_per_layer"] == _experts(one)["kept_per_layer"]
-    assert _step_losses(two) == pytest.approx(_step_losses(one), rel=7.9e-4)
+    assert _step_losses(two) == pytest.approx(_step_losses(one), rel=3e-4)

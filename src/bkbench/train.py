@@ -559,7 +559,10 @@ class Trainer:
         world / global tokens because DDP averages gradients over ranks, so the average is the
         global mean. The MoE balance loss is that of the global batch (its routing counts are
         summed over the ranks). The flags' loss terms are added as each rank computes them on
-        its shard. The FLOP measurement calls this same function (on every rank).
+        its shard, each flag making its term's DDP average the global batch's: a mean over the
+        shard weighs by the shard's size (``shard_weight``: batches that do not divide by the
+        ranks), what is not such a mean all-reduces its statistics (early exit, sparse_bk).
+        The FLOP measurement calls this same function (on every rank).
         """
         global_tokens = self.config.batch_size * self.config.n_seq
         with self.flags.autocast(self.device):
@@ -589,7 +592,8 @@ class Trainer:
         # dropout masks keyed by (seed, step, position in the global batch): the same masks
         # for one process and for any number of ranks (models/dropout.py)
         positions = range(self.config.batch_size)[self.rank::self.world]
-        with dropout_key(self.config.seed, self.progress.step, positions):
+        with dropout_key(self.config.seed, self.progress.step, positions,
+                         self.config.batch_size):
             loss, terms = self.compute_loss(inputs, targets)
         ce_sum = terms["cross_entropy_sum"]
         if not torch.isfinite(loss):

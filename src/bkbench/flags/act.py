@@ -69,6 +69,7 @@ import torch.nn as nn
 from ..hooks import Flag, RunContext
 from ..metrics.flops import new_counter
 from ..metrics.with_without import clocked, interleaved_medians
+from ..models.dropout import shard_weight
 from ..models.layers.act import ACTHalting, without_policy
 from ..models.layers.attached import attach
 from ..objectives.layer_states import held_out_windows
@@ -126,7 +127,8 @@ class ACT(Flag):
 
     def loss_terms(self, model, inputs, targets, step):
         halting = model.flag_modules["act"]
-        return {"ponder": self.settings.weight * halting.last_ponder.mean()}
+        weight = self.settings.weight * shard_weight(targets.shape[0])   # unequal shards
+        return {"ponder": weight * halting.last_ponder.mean()}
 
     def after_optimizer_step(self, run: RunContext, terms) -> None:
         halting = run.model.flag_modules["act"]

@@ -10,7 +10,10 @@ What it does
     of exit n on its rows and w_n = n / (1 + ... + (L-1)) (deeper exits weigh more, as in
     CALM). The last layer's exit is the model's ordinary output and loss. CE_n is an unbiased
     estimate of the exit's loss over all positions, at ``positions`` of the head's cost
-    instead of L - 1 full-vocabulary heads.
+    instead of L - 1 full-vocabulary heads. The positions are sampled over the *global*
+    batch (seeded by the run's seed and the step); under DDP each rank keeps the sampled
+    positions of its own windows and divides its NLL sum by the global count, so 2 ranks
+    train the exits on the positions one process would, with the same term.
 
     *Evaluation* (the ``prepare_for_eval`` hook; the training model never exits). After layer
     n < L a still-running token exits when its *saturation*, the cosine similarity of its
@@ -44,7 +47,8 @@ Settings (``early_exit_<field>``)
 
 Cost
     Training: the final norm and the LM head, forward and backward, on ``positions`` of the
-    batch's rows (6.25% by default), plus a random permutation of the batch's positions.
+    batch's rows (6.25% by default), plus a random permutation of the batch's positions;
+    under DDP one all-reduce of the L - 1 exit losses per step.
     Evaluation: one cosine similarity per token and layer. Calibration: up to
     len(candidates) + 1 evaluations of the calibration windows per epoch. Saved: the MoE
     rows of exited tokens in later layers (the LM head, most of the cost at a word
@@ -73,13 +77,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..hooks import Flag, RunContext
 from ..metrics.flops import new_counter
 from ..metrics.with_without import clocked, interleaved_medians
+from ..models.dropout import batch_positions
 from ..models.layers.early_exit import (ExitPolicy, exit_cross_entropies, sampled_exit_rows,
-                                        with_exits)
+                                        shard_rows, with_exits)
 from ..objectives.layer_states import LayerStates, held_out_windows
 from .meter import EpochMeter
 
@@ -128,6 +134,18 @@ class EarlyExitSettings:
                              "earlier exit)")
 
 
+def mean_over_ranks(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each term with the mean over the ranks as its value and this rank's own gradient (DDP
+    averages the gradients): one all-reduce for all; unchanged without DDP."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return terms
+    local = torch.stack([t.float() for t in terms])
+    mean = local.detach().clone()
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    return list(local + (mean - local.detach()))
+
+
 def histogram_summary(hist: torch.Tensor) -> dict[str, Any]:
     total = int(hist.sum())
     layers = torch.arange(1, hist.numel() + 1, dtype=torch.float64)
@@ -157,10 +175,20 @@ class EarlyExit(Flag):
 
     def loss_terms(self, model, inputs, targets, step):
         states = self.states.full_resolution()
+        # the positions are sampled over the global batch and each rank keeps those of its
+        # shard (keyed like dropout), so one process and any number of ranks train the exits
+        # on the same positions; sampled per shard, they parted at step 2
+        samples, batch = batch_positions(targets.shape[0])
+        seq_len = targets.shape[1]
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
-        rows = sampled_exit_rows(targets.numel(), len(self.weights), self.settings.positions,
+        rows = sampled_exit_rows(batch * seq_len, len(self.weights), self.settings.positions,
                                  generator)
-        per_layer = exit_cross_entropies(model, states, targets, rows)
+        mine = [shard_rows(r, samples, batch, seq_len) for r in rows]
+        # DDP averages the ranks' gradients: a shard's sum over world / count averages to
+        # the global batch's mean; its value is the ranks' mean, the global batch's term
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        per_layer = mean_over_ranks(exit_cross_entropies(
+            model, states, targets, mine, [r.numel() / world for r in rows]))
         self._last = [v.detach() for v in per_layer]
         term = sum(w * v for w, v in zip(self.weights, per_layer))
         return {"exits": self.settings.weight * term}

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from ..hooks import RunContext
+from ..models.dropout import shard_weight
 from ..models.layers.attached import attach
 from ..objectives.koopman import KoopmanHead
 from ..objectives.layer_states import LayerStates, held_out_windows
@@ -93,7 +94,7 @@ class Koopman(WarmedUpRegularizer):
         parts = model.flag_modules["koopman"].losses(self.states.stacked())
         raw = (parts["linear"] + parts["reconstruct"] + parts["predict"]).mean()
         self._raw = raw.detach()
-        return {"koopman": self.weight_at(step) * raw}
+        return {"koopman": self.weight_at(step) * shard_weight(targets.shape[0]) * raw}
 
     def after_optimizer_step(self, run: RunContext, terms) -> None:
         term, raw = terms["koopman"].item(), self._raw.item()

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from ..hooks import RunContext
+from ..models.dropout import shard_weight
 from ..objectives.layer_states import LayerStates, held_out_windows
 from ..objectives.physics_informed import energy, energy_drift
 from ..seeding import seed_everything
@@ -87,7 +88,7 @@ class PhysicsInformed(WarmedUpRegularizer):
 
     def loss_terms(self, model, inputs, targets, step):
         drift = energy_drift(self.states.stacked()).mean()
-        return {"physics_energy": self.weight_at(step) * drift}
+        return {"physics_energy": self.weight_at(step) * shard_weight(targets.shape[0]) * drift}
 
     def after_optimizer_step(self, run: RunContext, terms) -> None:
         term = terms["physics_energy"].item()

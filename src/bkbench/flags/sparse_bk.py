@@ -24,9 +24,10 @@ What it does
 
         sparse_bk = weight * mean over layers of (share_l - target_share)^2
 
-    where share_l is the fraction of routed tokens of layer l, made differentiable by the
-    straight-through estimator (its value is the hard share, its gradient that of the mean
-    gate probability).
+    where share_l is the fraction of routed tokens of layer l in the global batch, made
+    differentiable by the straight-through estimator (its value is the hard share, its
+    gradient that of the mean gate probability). Under DDP the ranks' routed counts are
+    summed (one all-reduce per step), so 2 ranks minimise the loss one process does.
 
 Paper
     Mixture-of-Depths (D. Raposo et al., "Mixture-of-Depths: Dynamically allocating compute in
@@ -93,6 +94,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..hooks import Flag, RunContext
@@ -133,6 +135,22 @@ class SparseBKSettings:
                              "end padding)")
 
 
+def global_shares(routed: list[torch.Tensor]) -> torch.Tensor:
+    """(layers,) share of the global batch's positions routed in each layer, from this rank's
+    (B, T) routing per layer. Under DDP the value is the global batch's share (the ranks' sums
+    and counts all-reduced) and the gradient this rank's part of it, world x its sum / the
+    global count, which DDP's average of the ranks' gradients turns into the global share's:
+    (share - target)^2 of each rank's own share is not the global batch's loss."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return torch.stack([r.mean() for r in routed])
+    sums = torch.stack([r.sum() for r in routed])
+    counts = torch.tensor([r.numel() for r in routed], dtype=sums.dtype, device=sums.device)
+    totals = torch.stack([sums.detach(), counts])    # a layer's count: multi-scale halves it
+    dist.all_reduce(totals)
+    part = sums * (dist.get_world_size() / totals[1])
+    return part + (totals[0] / totals[1] - part).detach()
+
+
 class SparseBK(Flag):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         blocks = getattr(model, "blocks", None)
@@ -148,13 +166,12 @@ class SparseBK(Flag):
         return model
 
     def loss_terms(self, model, inputs, targets, step):
-        target = self.settings.target_share
-        terms = []
-        for r in chain_routers(model):
-            hard = r.last_routed.to(r.last_gate.dtype)
-            share = (hard + r.last_gate - r.last_gate.detach()).mean()   # straight-through
-            terms.append((share - target) ** 2)
-        return {"sparse_bk": self.settings.weight * torch.stack(terms).mean()}
+        # straight-through: the hard routing's value, the gate probability's gradient
+        routed = [r.last_routed.to(r.last_gate.dtype) + r.last_gate - r.last_gate.detach()
+                  for r in chain_routers(model)]
+        shares = global_shares(routed)
+        return {"sparse_bk": self.settings.weight
+                * ((shares - self.settings.target_share) ** 2).mean()}
 
     def after_optimizer_step(self, run: RunContext, terms) -> None:
         stats = layer_stats(chain_routers(run.model))

@@ -11,6 +11,11 @@ depends on the device type's generator: CPU and CUDA runs draw different masks.)
 The trainer sets the key around each training step (:func:`dropout_key`); outside it
 (causality audit, FLOP counting) the key is seed 0, step 0, samples ``0..B-1``, so two
 forward passes of equal shape see equal masks.
+
+Other per-sample draws of a training step key themselves alike: :func:`batch_positions` gives
+the current forward's samples as positions in the global batch, and the global batch's size
+(early exit samples its loss positions over the global batch, then keeps this shard's), and
+:func:`shard_weight` the weight of a mean over this shard's samples under DDP.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 _M64 = (1 << 64) - 1
@@ -42,17 +48,23 @@ class DropoutKey:
     seed: int = 0
     step: int = 0
     samples: Sequence[int] | None = None   # positions in the global batch; None: 0..B-1
+    batch: int | None = None               # the global batch's size; None: B
 
 
 _current = DropoutKey()
 
 
 @contextmanager
-def dropout_key(seed: int, step: int, samples: Sequence[int] | None) -> Iterator[None]:
+def dropout_key(seed: int, step: int, samples: Sequence[int] | None,
+                batch: int | None = None) -> Iterator[None]:
     """Masks drawn inside are those of ``step`` of a run seeded ``seed``, for the samples at
-    positions ``samples`` of the global batch."""
+    positions ``samples`` of the global batch of ``batch`` samples."""
     global _current
-    previous, _current = _current, DropoutKey(seed, step, tuple(samples) if samples is not None else None)
+    if samples is not None and batch is not None and not all(0 <= s < batch for s in samples):
+        raise ValueError(f"dropout key: samples {tuple(samples)} are not positions in a batch "
+                         f"of {batch}")
+    previous, _current = _current, DropoutKey(seed, step, tuple(samples) if samples is not None
+                                              else None, batch)
     try:
         yield
     finally:
@@ -72,6 +84,29 @@ def keep_mask(shape: torch.Size, p: float, site: int, device: torch.device,
         generator.manual_seed(mix64(key.seed, key.step, site, sample))
         row.uniform_(generator=generator)
     return u >= p
+
+
+def batch_positions(rows: int) -> tuple[tuple[int, ...], int]:
+    """(positions in the global batch of the current forward's ``rows`` samples, the global
+    batch's size) under the current key; outside a training step: (0..rows-1, rows)."""
+    key = _current
+    if key.samples is None:
+        return tuple(range(rows)), rows
+    if len(key.samples) != rows or key.batch is None:
+        raise ValueError(f"the batch key names {len(key.samples)} samples of a global batch of "
+                         f"{key.batch}, the forward has {rows}: set both (dropout_key)")
+    return tuple(key.samples), key.batch
+
+
+def shard_weight(rows: int) -> float:
+    """The factor of a mean over the current forward's ``rows`` samples that makes DDP's
+    average of the ranks' means the global batch's mean: this shard's share of the global
+    batch x the ranks. 1 with equal shards (exactly), without DDP and outside a training
+    step; else the shards of a batch that does not divide by the ranks weigh by their size."""
+    if _current.samples is None or not dist.is_initialized():
+        return 1.0
+    samples, batch = batch_positions(rows)
+    return len(samples) * dist.get_world_size() / batch
 
 
 class KeyedDropout(nn.Module):

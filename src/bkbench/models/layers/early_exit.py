@@ -8,6 +8,7 @@ The flag that trains the exits, calibrates the threshold and records what they s
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -32,18 +33,37 @@ def sampled_exit_rows(num_rows: int, exits: int, fraction: float,
     return list(order[: per_exit * exits].view(exits, per_exit))
 
 
+def shard_rows(rows: torch.Tensor, samples: Sequence[int], batch: int,
+               seq_len: int) -> torch.Tensor:
+    """Of ``rows`` (flat indices into a global batch of ``batch`` x ``seq_len`` positions),
+    those of the shard holding the global batch's ``samples``, as flat indices into the
+    shard's ``len(samples)`` x ``seq_len`` positions, in the order of ``rows``."""
+    local = torch.full((batch,), -1, dtype=torch.long)
+    local[torch.as_tensor(samples, dtype=torch.long)] = torch.arange(len(samples))
+    sample = local[rows // seq_len]
+    mine = sample >= 0
+    return sample[mine] * seq_len + rows[mine] % seq_len
+
+
 def exit_cross_entropies(model: nn.Module, states: list[torch.Tensor], targets: torch.Tensor,
-                         rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Mean NLL of exit n = 1..L-1 on its sampled ``rows[n - 1]``: the state after layer n
+                         rows: list[torch.Tensor],
+                         counts: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """NLL of exit n = 1..L-1 summed over its sampled ``rows[n - 1]`` and divided by
+    ``counts[n - 1]`` (default: the rows' own count, the mean): the state after layer n
     through the final norm and the model's effective LM head, fused with the loss. Only the
-    sampled rows reach the head (the LM head is most of a step's work)."""
+    sampled rows reach the head (the LM head is most of a step's work). A shard's rows divide
+    by the global batch's count, so that the shards' terms add up to the global mean."""
     head = model.effective_head()
     flat_targets = targets.reshape(-1)
+    counts = [index.numel() for index in rows] if counts is None else counts
     out = []
-    for n, index in enumerate(rows, start=1):
+    for n, (index, count) in enumerate(zip(rows, counts), start=1):
+        if index.numel() == 0:   # none of the exit's rows is in this shard
+            out.append(states[n].new_zeros((), dtype=torch.float32))
+            continue
         index = index.to(flat_targets.device)
         x = states[n].reshape(-1, states[n].shape[-1]).index_select(0, index)
-        out.append(head.nll(model.ln_f(x), flat_targets.index_select(0, index)) / index.numel())
+        out.append(head.nll(model.ln_f(x), flat_targets.index_select(0, index)) / count)
     return out
 
 
