@@ -107,3 +107,11 @@ def test_scale_train_refuses_bad_invocations(tmp_path, capsys, argv, message):
     assert _exit_code(argv + ["--preset", "smoke", "--output-dir", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_gap_verdict_is_written_once_per_model_on_its_largest_size():
+    table = {"fits": {}, "gaps": {"m": {"by_size": {"64": {"diff": 0.1, "low": 0.0, "high": 0.2},
+                                                    "256": {"diff": 0.5, "low": 0.4, "high": 0.6}},
+                                        "verdict": "widens"}}}
+    _, gaps = ss.size_scaling_rows(table)
+    assert [row[3] for row in gaps] == ["", "widens"]

@@ -236,9 +236,11 @@ def size_scaling_rows(table: dict[str, Any]) -> tuple[list[list[str]], list[list
             for m, f in table["fits"].items()]
     gaps = []
     for m, g in table["gaps"].items():
+        largest = max(g["by_size"], key=int, default=None)
         for v, row in g["by_size"].items():
             ci = ("" if row["low"] is None else f" [{row['low']:+.3f}, {row['high']:+.3f}]")
-            gaps.append([m, v, f"{row['diff']:+.3f}{ci}", g["verdict"]])
+            # the verdict compares the smallest size with the largest: said once, on the latter
+            gaps.append([m, v, f"{row['diff']:+.3f}{ci}", g["verdict"] if v == largest else ""])
     return fits, gaps
 
 
@@ -271,7 +273,8 @@ def format_size_scaling(table: dict[str, Any]) -> str:
     out = ["model fits (test loss = E + A x^-alpha):"]
     out += [f"  {m}: vs params {p}; vs FLOPs {f}" for m, p, f in fits]
     out.append(f"gap to {table['reference']} (test loss):")
-    out += [f"  {m} {table['axis']}={v}: {gap}  -> {verdict}" for m, v, gap, verdict in gaps]
+    out += [f"  {m} {table['axis']}={v}: {gap}" + (f"  -> {verdict}" if verdict else "")
+            for m, v, gap, verdict in gaps]
     return "\n".join(out)
 
 
