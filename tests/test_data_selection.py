@@ -97,7 +97,8 @@ def test_competence_schedule_equals_the_formula():
     for s in (0, 1, 10, 39):
         assert competence(s, c0, T) == pytest.approx(math.sqrt(s * (1 - c0 ** 2) / T + c0 ** 2))
     assert competence(40, c0, T) == 1.0 and competence(1000, c0, T) == 1.0
-    t = trainer(config(use_curriculum=True, curriculum_full_at=0.5))   # 30 steps: T = 15
+    t = trainer(config(use_curriculum=True, curriculum_full_at=0.5,       # 30 steps: T = 15
+                       curriculum_initial_competence=0.1))
     flag = t.flags.flags["use_curriculum"]
     assert flag.full_steps(t.context) == 15.0
     assert flag.competence_at(t.context, 5) == pytest.approx(math.sqrt(5 * 0.99 / 15 + 0.01))

@@ -144,17 +144,18 @@ def test_a_quality_flag_takes_the_lowest_validation_ppl_and_ties_go_to_the_defau
     assert [c["saving"] for c in entry["candidates"]] == [None] * 3
     tied = synthetic(koopman, {0.01: (99.0, 1.0, None), 0.1: (99.0, 2.0, None),
                                1.0: (99.0, 3.0, None)})
-    assert build(koopman, tied)["flags"]["use_koopman"]["chosen"] == 0.1   # the default
+    assert build(koopman, tied)["flags"]["use_koopman"]["chosen"] == koopman.default
 
 
 def test_equal_savings_go_to_the_lower_validation_ppl_then_the_default():
     pruning = by_flag("use_pruning")
-    results = synthetic(pruning, {0.25: (100.0, 1.0, 0.2), 0.5: (101.0, 1.0, 0.2),
-                                  0.75: (100.0, 1.0, 0.2)})
-    assert build(pruning, results)["flags"]["use_pruning"]["chosen"] == 0.25
-    results = synthetic(pruning, {0.25: (100.0, 1.0, 0.2), 0.5: (100.0, 1.0, 0.2),
-                                  0.75: (100.0, 1.0, 0.2)})
-    assert build(pruning, results)["flags"]["use_pruning"]["chosen"] == 0.5
+    others = [v for v in pruning.values if v != pruning.default]
+    ppl = {v: 101.0 for v in pruning.values}
+    ppl[others[-1]] = 100.0                    # one value alone has the lowest perplexity
+    results = synthetic(pruning, {v: (p, 1.0, 0.2) for v, p in ppl.items()})
+    assert build(pruning, results)["flags"]["use_pruning"]["chosen"] == others[-1]
+    results = synthetic(pruning, {v: (100.0, 1.0, 0.2) for v in pruning.values})
+    assert build(pruning, results)["flags"]["use_pruning"]["chosen"] == pruning.default
 
 
 def test_early_exit_saving_is_read_from_the_best_epochs_validation_calibration():
@@ -205,11 +206,15 @@ def test_docs_render_each_flags_sweep_in_its_section(tmp_path, capsys):
     assert lines[0].startswith("| value | valid ppl | vs baseline | saving | training FLOPs |")
     assert lines[1].startswith("| baseline (flag off) | 100.00 | +0.00% |")
     assert lines[2].startswith("| `0.25` | 100.50 | +0.50% | 0.1000 |")
-    assert lines[3].startswith("| `0.5` (default) | 101.90 | +1.90% | 0.2000 |")
+    assert lines[3].startswith("| `0.5`") and "| 101.90 | +1.90% | 0.2000 |" in lines[3]
     assert lines[3].endswith("| **chosen** |") and not lines[4].endswith("**chosen** |")
+    # the default when the sweep ran is marked
+    marked = [line for line in lines[2:] if "(default when swept)" in line]
+    assert len(marked) == 1 and marked[0].startswith(f"| `{by_flag('use_pruning').default!r}` (default")
     assert "within 2% of the baseline" in pruning
     koopman = section(doc, "use_koopman")
-    assert "| `0.01` | 99.00 | -1.00% |" in koopman and "lowest validation perplexity" in koopman
+    assert "| `0.01`" in koopman and "| 99.00 | -1.00% |" in koopman
+    assert "lowest validation perplexity" in koopman
     assert "not swept" in section(doc, "use_quantization")
     assert "swept" not in section(doc, "use_act")      # not in this file: no sweep text
     # without --sweeps the page is the registry's alone
@@ -227,7 +232,9 @@ def test_a_bad_sweeps_file_is_refused_in_one_line_with_exit_2(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert "selection_split" in captured.err and "not a flag sweeps file" in captured.err
-    path.write_text(json.dumps(small_sweeps_file()).replace("0.5,", "NaN,", 1))
+    data = small_sweeps_file()
+    data["flags"]["use_pruning"]["candidates"][0]["valid_perplexity"] = float("nan")
+    path.write_text(json.dumps(data))
     assert main(["--sweeps", str(path)]) == 2
     assert "NaN" in capsys.readouterr().err
 
@@ -267,8 +274,9 @@ def test_a_smoke_sweep_of_one_flag_trains_its_rows_and_chooses_on_validation(sha
     out = tmp_path / "sweeps"
     data = fs.run_sweeps("smoke", overrides, out, sweeps=[sweep], progress=False)
     assert load_flag_sweeps(out / fs.SWEEPS_FILE) == json.loads(json.dumps(data))
+    entry = data["flags"]["use_multi_scale"]
     runs = {name: BenchmarkResults.load(out / f"{name}_results.json")
-            for name in ("bk-baseline", "bk+multi_scale", "bk+multi_scale-factor4")}
+            for name in ["bk-baseline"] + [c["row"] for c in entry["candidates"]]}
     assert data["baseline"]["valid_perplexity"] == runs["bk-baseline"].valid_perplexity
     entry = data["flags"]["use_multi_scale"]
     for c in entry["candidates"]:
@@ -286,7 +294,8 @@ def test_a_smoke_sweep_of_one_flag_trains_its_rows_and_chooses_on_validation(sha
                 else min(entry["candidates"], key=lambda c: c["valid_perplexity"]))["value"]
     assert entry["chosen"] == expected
     table = (out / "flag_sweeps.md").read_text()
-    assert "| `2` (default) |" in table and "| `4` |" in table and table.count("**chosen**") == 1
+    assert table.count("(default when swept)") == 1 and table.count("**chosen**") == 1
+    assert "| `2`" in table and "| `4`" in table
     assert "Default settings: `multi_scale_factor` swept" in flags_doc_markdown(data)
     with pytest.raises(ConfigError, match="--resume"):
         fs.run_sweeps("smoke", overrides, out, sweeps=[sweep], progress=False)

@@ -298,7 +298,7 @@ def test_counted_forward_flops_fall_with_each_flag():
     base_cfg = dict(num_experts=1, top_k=1, batch_size=16)
     plain, _ = built(config(**base_cfg))
     base = measure_forward_flops(plain, 16, 16, V)
-    hour, _ = built(config(use_multi_scale=True, **base_cfg))
+    hour, _ = built(config(use_multi_scale=True, multi_scale_factor=2, **base_cfg))
     h = measure_forward_flops(hour, 16, 16, V)
     assert h["forward"] < base["forward"]
     assert h["by_component"]["mixer"] * 4 == base["by_component"]["mixer"] * 3   # 2 of 4 at N/2
@@ -345,7 +345,8 @@ def test_block_routing_counts_the_feed_forward_and_mixer_flops_of_the_routed_sha
 # --- training, records, resume -------------------------------------------------------------
 
 def test_training_records_what_each_flag_measured():
-    t = trainer(config(use_multi_scale=True, use_sparse_bk=True))
+    t = trainer(config(use_multi_scale=True, multi_scale_factor=2, use_sparse_bk=True,
+                       sparse_bk_target_share=0.5))
     outcome = t.fit()
     rec = t.flags.record(t.context, outcome)
     ms = rec["use_multi_scale"]["measured"]

@@ -114,9 +114,9 @@ class Sweep:
 _FLOPS_SAVED = "forward FLOPs saved, counted with and without the flag on the same weights"
 SWEEPS: tuple[Sweep, ...] = (
     Sweep("use_koopman", "weight", (0.01, 0.1, 1.0),
-          "A decade either side of the default: the auxiliary loss's weight is its one knob."),
+          "0.1 and a decade either side: the auxiliary loss's weight is its one knob."),
     Sweep("use_physics_informed", "weight", (0.01, 0.1, 1.0),
-          "A decade either side of the default: the penalty's weight is its one knob."),
+          "0.1 and a decade either side: the penalty's weight is its one knob."),
     Sweep("use_pruning", "target_sparsity", (0.25, 0.5, 0.75),
           "A quarter, half and three quarters of the feed-forward hidden units removed.",
           "1 - forward_flops_ratio: " + _FLOPS_SAVED + " (pruned vs unpruned build)",
@@ -135,12 +135,12 @@ SWEEPS: tuple[Sweep, ...] = (
           "1 - held_out.share: share of tokens kept out of the BK chain on validation "
           "windows", _sparse_bk_saving),
     Sweep("use_early_exit", "positions", (0.03125, 0.0625, 0.125),
-          "Half, once and twice the default share of positions whose exit losses train: more "
+          "1/32, 1/16 and 1/8 of the positions have their exit losses trained: more "
           "trains better exits, at one head pass per sampled position and exit of training cost.",
           "1 - mean exit layer / layers, on the validation calibration windows at the "
           "calibrated threshold", _early_exit_saving),
     Sweep("use_curriculum", "initial_competence", (0.01, 0.1, 0.3),
-          "Competence at step 0: 0.01 (Platanios et al. 2019), the default 0.1, and a milder 0.3."),
+          "Competence at step 0: 0.01 (Platanios et al. 2019), 0.1 and a milder 0.3."),
     Sweep("use_active_learning", "fraction", (0.25, 0.5, 0.75),
           "A quarter, half and three quarters of each pool of windows trained on."),
 )

@@ -35,8 +35,10 @@ Initialisation: start at full depth
     the later layers would hardly train before the ponder cost had any say. Graves (2016)
     treats the halting bias as the knob that sets the initial ponder time; we set it so that
     training *starts* at full depth and the ponder cost, not the initialisation, teaches the
-    units to stop early: the default b = -3 (sigmoid 0.047) keeps n sigmoid(b) below 1 - eps
-    for up to 21 layers. The mean depth of the first training step is recorded, next to that
+    units to stop early: the default b = -1 (sigmoid 0.27) keeps n sigmoid(b) below 1 - eps
+    for 3 layers, so a token of a 4-layer model (the default preset's) runs every layer at
+    step 0; deeper models want a more negative b (-3 keeps up to 21 layers). The default
+    was chosen on the validation split among -3, -2 and -1 (docs/flags.md). The mean depth of the first training step is recorded, next to that
     of the last epoch and of held-out text after training.
 
 Cost
@@ -83,9 +85,9 @@ class ACTSettings:
     weight: float = field(default=0.01, metadata={"help": "weight of the ponder cost N + R"})
     eps: float = field(default=0.01, metadata={
         "help": "a token halts once its cumulative halting probability reaches 1 - eps"})
-    bias_init: float = field(default=-3.0, metadata={
+    bias_init: float = field(default=-1.0, metadata={
         "help": "initial bias of every halting unit (sigmoid of it: the initial halting "
-                "probability per layer; -3 runs every layer of up to 21 at step 0)"})
+                "probability per layer; -1 runs every layer of up to 4 at step 0, -3 of up to 21)"})
     record_windows: int = field(default=16, metadata={
         "help": "held-out validation windows for the recorded layers used and FLOPs"})
 

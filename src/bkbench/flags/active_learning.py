@@ -81,7 +81,7 @@ from ..hooks import Flag, RunContext
 
 @dataclass
 class ActiveLearningSettings:
-    fraction: float = field(default=0.5, metadata={
+    fraction: float = field(default=0.75, metadata={
         "help": "share of the candidate windows that is trained on, in (0, 1]"})
     random_share: float = field(default=0.1, metadata={
         "help": "share of the selected windows drawn at random from the rest of the pool "

@@ -67,7 +67,7 @@ class CurriculumSettings:
     score: str = field(default="bigram", metadata={
         "help": "difficulty score: mean NLL of a window's targets under an add-one-smoothed "
                 "'unigram' or 'bigram' model fitted on the training split"})
-    initial_competence: float = field(default=0.1, metadata={
+    initial_competence: float = field(default=0.01, metadata={
         "help": "c0: the fraction of easiest windows sampled at step 0, in (0, 1]"})
     full_at: float = field(default=0.5, metadata={
         "help": "T as a fraction of the run's total steps: competence reaches 1 there, in (0, 1]"})

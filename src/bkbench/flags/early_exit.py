@@ -47,7 +47,7 @@ Settings (``early_exit_<field>``)
 
 Cost
     Training: the final norm and the LM head, forward and backward, on ``positions`` of the
-    batch's rows (6.25% by default), plus a random permutation of the batch's positions;
+    batch's rows (12.5% by default), plus a random permutation of the batch's positions;
     under DDP one all-reduce of the L - 1 exit losses per step.
     Evaluation: one cosine similarity per token and layer. Calibration: up to
     len(candidates) + 1 evaluations of the calibration windows per epoch. Saved: the MoE
@@ -107,7 +107,7 @@ def parse_thresholds(text: str) -> list[float]:
 @dataclass
 class EarlyExitSettings:
     weight: float = field(default=0.5, metadata={"help": "weight of the exits loss"})
-    positions: float = field(default=0.0625, metadata={
+    positions: float = field(default=0.125, metadata={
         "help": "share of a batch's positions whose exit losses train (split among the exits)"})
     candidates: str = field(default="0.999,0.995,0.99,0.98,0.97,0.95,0.9", metadata={
         "help": "saturation thresholds the validation calibration tries, highest first"})

@@ -63,7 +63,7 @@ from .regularizer import WarmedUpRegularizer
 
 @dataclass
 class KoopmanSettings:
-    weight: float = field(default=0.1, metadata={"help": "weight of the Koopman loss term"})
+    weight: float = field(default=0.01, metadata={"help": "weight of the Koopman loss term"})
     warmup: float = field(default=0.1, metadata={
         "help": "fraction of the run's steps over which the weight ramps up linearly from 0 "
                 "(0: full weight at once)"})

@@ -70,7 +70,7 @@ from ..objectives.layer_states import held_out_windows
 
 @dataclass
 class MultiScaleSettings:
-    factor: int = field(default=2, metadata={
+    factor: int = field(default=4, metadata={
         "help": "shortening factor k of the middle blocks (they run on ceil(N/k) positions)"})
     outer_layers: int = field(default=1, metadata={
         "help": "blocks at full resolution at each end (needs n_layers >= 2 * this + 1)"})

@@ -90,7 +90,7 @@ class PruningSettings:
     structure: str = field(default="hidden_units", metadata={
         "help": "'hidden_units': remove feed-forward hidden units (matrices shrink); "
                 "'weights': zero single weights (masks folded into the weights)"})
-    target_sparsity: float = field(default=0.5, metadata={
+    target_sparsity: float = field(default=0.75, metadata={
         "help": "final share of hidden units removed, or of zero weights, in each pruned layer"})
     begin: float = field(default=0.0, metadata={
         "help": "start of the schedule, as a fraction of the steps after the LR warm-up"})

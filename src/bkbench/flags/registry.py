@@ -299,7 +299,9 @@ def flags_doc_markdown(sweeps: Mapping[str, Any] | None = None) -> str:
                 out.append(f"| `{s.short}_{f.name}` | `{f.default!r}` | {f.metadata.get('help', '')} |")
             out.append("")
         if sweeps is not None:
-            out += sweep_section(s.short, sweeps, s.name)
+            current = ({f.name: f.default for f in dataclasses.fields(s.settings)}
+                       if s.settings is not None else {})
+            out += sweep_section(s.short, sweeps, s.name, current)
         doc = inspect.cleandoc(s.module.__doc__ or "")
         out += ["```text", doc, "```", ""]
     return "\n".join(out)

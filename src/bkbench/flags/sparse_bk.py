@@ -111,7 +111,7 @@ class SparseBKSettings:
     scope: str = field(default="block", metadata={
         "help": "'block': route the whole block (MoE and BK mixer, Mixture-of-Depths); "
                 "'mixer': route the BK chain only (every token runs the MoE)"})
-    target_share: float = field(default=0.5, metadata={
+    target_share: float = field(default=0.25, metadata={
         "help": "wanted fraction of tokens routed into the BK chain, in (0, 1]"})
     weight: float = field(default=0.1, metadata={
         "help": "weight of the share loss (share - target_share)^2 (0: no loss)"})

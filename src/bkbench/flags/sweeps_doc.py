@@ -87,8 +87,10 @@ def _number(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def sweep_section(short: str, sweeps: dict[str, Any], flag: str) -> list[str]:
-    """The markdown lines of ``flag``'s sweep in docs/flags.md (empty: not in the file)."""
+def sweep_section(short: str, sweeps: dict[str, Any], flag: str,
+                  current: dict[str, Any] | None = None) -> list[str]:
+    """The markdown lines of ``flag``'s sweep in docs/flags.md (empty: not in the file);
+    ``current``: the flag's settings' defaults now, to say whether the chosen value is one."""
     if flag in sweeps["not_swept"]:
         return ["Default settings: not swept. " + sweeps["not_swept"][flag], ""]
     entry = sweeps["flags"].get(flag)
@@ -110,7 +112,7 @@ def sweep_section(short: str, sweeps: dict[str, Any], flag: str) -> list[str]:
             + "training FLOPs | training s | tokens/s | chosen |",
             "|---|---|---|" + ("---|" if saving else "") + "---|---|---|---|"]
     rows = [("baseline (flag off)", base, None, "")]
-    rows += [(f"`{c['value']!r}`" + (" (default)" if c["value"] == entry["default"] else ""), c,
+    rows += [(f"`{c['value']!r}`" + (" (default when swept)" if c["value"] == entry["default"] else ""), c,
               c["saving"], "**chosen**" if c["value"] == entry["chosen"] else "")
              for c in entry["candidates"]]
     for label, r, saved, mark in rows:
@@ -121,7 +123,10 @@ def sweep_section(short: str, sweeps: dict[str, Any], flag: str) -> list[str]:
         cells += [_number(r["training_flops"], ".3e"), f"{r['training_seconds']:.1f}",
                   f"{r['tokens_per_second']:,.0f}", mark]
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", f"Chosen: `{entry['chosen']!r}`: {entry['why_chosen']}", ""]
+    now = (current or {}).get(entry["setting"], entry["chosen"])
+    adopted = ("; it is the default now" if now == entry["chosen"]
+               else f"; the default now is `{now!r}`, not the sweep's choice")
+    out += ["", f"Chosen: `{entry['chosen']!r}`: {entry['why_chosen']}{adopted}", ""]
     return out
 
 
