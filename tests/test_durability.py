@@ -160,20 +160,25 @@ def test_torchrun_trains_resnet_bk_with_an_expert_idle_on_one_rank(tmp_path):
     assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
 
 
+def train_on_one_and_two_ranks(args: list[str], folder, timeout: int) -> None:
+    """``bkbench`` with ``args`` in one process into folder/one, then on 2 ranks (torchrun)
+    into folder/two, one thread each; both must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = {"one": [sys.executable, "-m", "bkbench"],
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         "--master_port=0", "--rdzv_backend=c10d",
+                         "--rdzv_endpoint=localhost:0", "-m", "bkbench"]}
+    for name, launcher in launchers.items():
+        proc = subprocess.run([*launcher, *args, "--output-dir", str(folder / name)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_torchrun_cli_writes_one_results_file_with_single_process_numbers(shared_data_dir, tmp_path):
     args = ["run", "--preset", "smoke", "--models", "transformer_baseline", "--max-steps", "4",
             "--dropout", "0.1", "--data-dir", str(shared_data_dir), "--split-scheme", "proxy",
             "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "bkbench", *args, "--output-dir",
-                             str(tmp_path / "one")], capture_output=True, text=True, timeout=300,
-                            env=env)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-                          "-m", "bkbench", *args, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_on_one_and_two_ranks(args, tmp_path, timeout=300)
     files = list((tmp_path / "two").glob("*_results.json"))
     assert [f.name for f in files] == ["transformer_baseline_results.json"]
     one = json.loads((tmp_path / "one" / "transformer_baseline_results.json").read_text())
@@ -201,16 +206,7 @@ def full_one_and_two_ranks(tmp_path_factory):
             # since sparse_bk routes whole blocks, the default 5% removes none by step 4 here
             "--pruning-expert-min-share", "0.1",
             "--split-scheme", "proxy", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "bkbench", *args, "--output-dir",
-                             str(tmp_path / "one")], capture_output=True, text=True, timeout=600,
-                            env=env)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-                          "-m", "bkbench", *args, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_on_one_and_two_ranks(args, tmp_path, timeout=600)
     return tmp_path / "one", tmp_path / "two"
 
 

@@ -119,11 +119,8 @@ def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
 
 
 def _threads(text: str) -> str:
-    from .threads import parse_threads
-    try:
-        return parse_threads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    from .threads import threads_option
+    return threads_option(text)
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:

@@ -97,6 +97,15 @@ def parse_threads(text: str) -> str:
     return str(int(text))
 
 
+def threads_option(text: str) -> str:
+    """:func:`parse_threads` as an argparse ``type``: a bad value is a usage error."""
+    import argparse
+    try:
+        return parse_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def choose(requested: str = "auto") -> ThreadPolicy:
     """The thread count for a run that starts now."""
     cpus = cpus_available()
@@ -112,5 +121,5 @@ def choose(requested: str = "auto") -> ThreadPolicy:
     return ThreadPolicy("auto", threads, cpus, round(others, 2), how, wait)
 
 
-__all__ = ["ThreadPolicy", "choose", "parse_threads", "cpus_available", "other_runnable",
+__all__ = ["ThreadPolicy", "choose", "parse_threads", "threads_option", "cpus_available", "other_runnable",
            "SAMPLE_SECONDS"]

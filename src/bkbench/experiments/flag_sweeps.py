@@ -46,7 +46,7 @@ from ..config import OPTIMIZATION_FLAGS, PRESETS, BenchmarkConfig, ConfigError, 
 from ..fields import format_value
 from ..flags.registry import REGISTRY
 from ..flags.sweeps_doc import check_flag_sweeps, sweep_section
-from ..threads import parse_threads
+from ..threads import threads_option
 from .ablate import BASELINE_ROW, train_rows
 
 SWEEPS_FILE = "flag_sweeps.json"
@@ -332,13 +332,6 @@ def run_sweeps(preset: str, overrides: Mapping[str, Any], output_dir: str | Path
     return data
 
 
-def _threads(text: str) -> str:
-    try:
-        return parse_threads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bkbench.experiments.flag_sweeps",
@@ -361,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep finished rows, continue the rest")
     p.add_argument("--overwrite", action="store_true", help="redo an existing sweep")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_threads, default="auto", metavar="auto|N",
+    p.add_argument("--threads", type=threads_option, default="auto", metavar="auto|N",
                    help="torch threads per run, as `bkbench run --threads` (default: auto)")
     return p
 
