@@ -378,7 +378,9 @@ def test_parallel_ablation_rows_run_at_the_requested_threads(tmp_path, monkeypat
         def __init__(self, argv, pass_fds=(), env=None):
             started.append((json_module.loads(argv[-1]), env))
 
-        def wait(self):
+        returncode = 0
+
+        def poll(self):
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakeChild)

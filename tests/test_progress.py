@@ -310,3 +310,63 @@ def test_run_all_numbers_the_runs_and_ablate_calls_them_rows(tmp_path, monkeypat
     assert bench.run_all(configs, isolate=True, unit="row") == [c.model_name for c in configs]
     assert [label for label, _ in seen] == ["row 1 of 3", "row 2 of 3", "row 3 of 3"]
     assert [len(done) for _, done in seen] == [0, 1, 2]   # each ETA knows the runs before it
+
+
+def test_resume_starts_no_process_for_finished_runs_and_numbers_only_the_rest(tmp_path,
+                                                                              monkeypatch):
+    # a kept run would otherwise count as "row 1 of 3" and pull the command's ETA towards the
+    # seconds a reuse takes
+    from bkbench.config import build_run_configs
+
+    configs = build_run_configs("smoke")
+    kept_name = configs[1].model_name
+    kept = object()
+    monkeypatch.setattr(WikiText2Benchmark, "finished_result",
+                        lambda self, c: kept if c.model_name == kept_name else None)
+    seen = []
+
+    def fake_isolated(self, config, resume, overwrite=False, command=None):
+        seen.append((config.model_name, command.label()))
+        return config.model_name
+    monkeypatch.setattr(WikiText2Benchmark, "_run_isolated", fake_isolated)
+    bench = WikiText2Benchmark(tmp_path, progress=False)
+    out = bench.run_all(configs, resume=True, isolate=True, unit="row")
+    assert out == [configs[0].model_name, kept, configs[2].model_name]
+    assert seen == [(configs[0].model_name, "row 1 of 2"), (configs[2].model_name, "row 2 of 2")]
+    seen.clear()   # without --resume a finished result is never consulted
+    bench.run_all(configs, isolate=True, unit="row")
+    assert [label for _, label in seen] == ["row 1 of 3", "row 2 of 3", "row 3 of 3"]
+
+
+def test_parallel_rows_start_when_any_child_ends_not_the_oldest(tmp_path, monkeypatch):
+    # two slots, a long first row: the third row must start as soon as the short second row
+    # ends, not after the long one (a core idled in between before)
+    from bkbench.experiments import ablate
+
+    polls_left = {"resnet_bk_long": 6, "resnet_bk_short": 1, "resnet_bk_third": 1}
+    events = []
+
+    class FakeChild:
+        def __init__(self, argv, pass_fds=(), env=None):
+            self.name = json.loads(argv[-1])["config"]["model_name"]
+            self.returncode = None
+            events.append(("start", self.name))
+
+        def poll(self):
+            polls_left[self.name] -= 1
+            if polls_left[self.name] <= 0 and self.returncode is None:
+                self.returncode = 0
+                events.append(("end", self.name))
+            return self.returncode
+
+        def wait(self):
+            while self.poll() is None:
+                pass
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(ablate.time, "sleep", lambda s: None)
+    configs = [BenchmarkConfig.from_dict(dict(model_name=n)).validate() for n in polls_left]
+    ablate._run_parallel(configs, tmp_path, resume=False, jobs=2, threads="1")
+    assert events.index(("start", "resnet_bk_third")) < events.index(("end", "resnet_bk_long"))
+    assert events.index(("end", "resnet_bk_short")) < events.index(("start", "resnet_bk_third"))

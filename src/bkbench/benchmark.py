@@ -195,7 +195,7 @@ class WikiText2Benchmark:
         device = resolve_device(config.device)
         data = self.load_data(config)
         results_path = self.results_path(config.model_name)
-        if resume and (done := self._complete_result(config, results_path)) is not None:
+        if resume and (done := self.finished_result(config)) is not None:
             return done
         policy = self._apply_threads(thread_policy)
         is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -231,8 +231,10 @@ class WikiText2Benchmark:
                      results.test_perplexity, results.test_tokens, results_path)
         return results
 
-    def _complete_result(self, config: BenchmarkConfig, path: Path) -> BenchmarkResults | None:
-        """The finished result of ``config`` at ``path`` (None: train the run)."""
+    def finished_result(self, config: BenchmarkConfig) -> BenchmarkResults | None:
+        """The finished result of ``config`` in this folder, if its settings are the same
+        (what ``--resume`` keeps; None: train the run)."""
+        path = self.results_path(config.model_name)
         if not path.exists():
             return None
         try:
@@ -387,16 +389,30 @@ class WikiText2Benchmark:
         so far."""
         for c in configs:  # refuse before the first run starts, not between runs
             self.check_can_write(c, resume=resume, overwrite=overwrite)
-        results, finished = [], []
-        for index, config in enumerate(configs, 1):
-            command = CommandProgress(index, len(configs), list(finished), unit=unit)
+        kept, to_train = self.split_finished(configs, resume, unit)
+        trained, finished = {}, []
+        for index, config in enumerate(to_train, 1):
+            command = CommandProgress(index, len(to_train), list(finished), unit=unit)
             if isolate:
-                results.append(self._run_isolated(config, resume, overwrite, command))
+                trained[config.model_name] = self._run_isolated(config, resume, overwrite, command)
             else:
-                results.append(self.run_benchmark(config, resume=resume, overwrite=overwrite,
-                                                  command=command))
+                trained[config.model_name] = self.run_benchmark(
+                    config, resume=resume, overwrite=overwrite, command=command)
             finished.append(time.time() - command.run_started)
-        return results
+        return [kept[c.model_name] if c.model_name in kept else trained[c.model_name]
+                for c in configs]
+
+    def split_finished(self, configs: list[BenchmarkConfig], resume: bool, unit: str = "run"
+                       ) -> tuple[dict[str, BenchmarkResults], list[BenchmarkConfig]]:
+        """With ``resume``: the finished results that ``--resume`` keeps, by run name, and the
+        configs left to train. Kept runs start no process and do not count in "run k of n" or
+        the command's ETA, which would otherwise be the mean of seconds-long reuses."""
+        kept = {c.model_name: done for c in configs
+                if resume and (done := self.finished_result(c)) is not None}
+        if kept:
+            log.info("--resume: %d of %d %ss already finished with these settings and are kept; "
+                     "%d to train", len(kept), len(configs), unit, len(configs) - len(kept))
+        return kept, [c for c in configs if c.model_name not in kept]
 
     def _run_isolated(self, config: BenchmarkConfig, resume: bool, overwrite: bool = False,
                       command: CommandProgress | None = None) -> BenchmarkResults:

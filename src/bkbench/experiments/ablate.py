@@ -96,9 +96,12 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
                     [sys.executable, "-m", "bkbench.worker",
                      _payload(c, output_dir, resume, overwrite, policy)],
                     pass_fds=tuple(pass_fds), env={**os.environ, **policy.environ()})))
-            c, proc = running[0]
-            code = proc.wait()
-            running.pop(0)
+            # whichever child ends first frees its slot (waiting on the oldest would idle a core
+            # while a shorter row behind it has already finished)
+            while (done := next((r for r in running if r[1].poll() is not None), None)) is None:
+                time.sleep(0.2)
+            running.remove(done)
+            c, code = done[0], done[1].returncode
             finished += 1
             if code != 0:
                 failed.append((c.model_name, code))
@@ -171,8 +174,8 @@ def train_rows(configs: Sequence[BenchmarkConfig], output_dir: Path, folder, *, 
     bench.worker_fds = (folder.hold(),)   # the workers keep the folder locked while they live
     if jobs == 1:
         bench.run_all(configs, resume=resume, overwrite=overwrite, isolate=True, unit="row")
-    else:
-        _run_parallel(configs, output_dir, resume, jobs, overwrite, bench.worker_fds, threads)
+    elif to_train := bench.split_finished(configs, resume, unit="row")[1]:
+        _run_parallel(to_train, output_dir, resume, jobs, overwrite, bench.worker_fds, threads)
     return {c.model_name: BenchmarkResults.load(bench.results_path(c.model_name))
             for c in configs}
 
