@@ -370,3 +370,42 @@ def test_parallel_rows_start_when_any_child_ends_not_the_oldest(tmp_path, monkey
     ablate._run_parallel(configs, tmp_path, resume=False, jobs=2, threads="1")
     assert events.index(("start", "resnet_bk_third")) < events.index(("end", "resnet_bk_long"))
     assert events.index(("end", "resnet_bk_short")) < events.index(("start", "resnet_bk_third"))
+
+
+def test_a_signal_to_a_parallel_ablation_stops_its_rows_and_starts_no_more(tmp_path, monkeypatch):
+    # before, each child checkpointed and exited but the parent logged it "done" and started
+    # the next rows, so SIGTERM did not stop the command
+    from bkbench.benchmark import RunFailedError
+    from bkbench.experiments import ablate
+
+    names = [f"resnet_bk_r{i}" for i in range(4)]
+    started, signalled = [], []
+
+    class FakeChild:
+        def __init__(self, argv, pass_fds=(), env=None):
+            self.name = json.loads(argv[-1])["config"]["model_name"]
+            self.returncode, self.polls = None, 0
+            started.append(self.name)
+
+        def send_signal(self, signum):
+            signalled.append((self.name, signum))
+            self.returncode = 128 + signum   # the worker checkpoints and exits so
+
+        def poll(self):
+            self.polls += 1
+            if self.name == "resnet_bk_r0" and self.polls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)   # the user's kill reaches the parent
+            return self.returncode
+
+        def wait(self):
+            return self.poll()
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(ablate.time, "sleep", lambda s: None)
+    configs = [BenchmarkConfig.from_dict(dict(model_name=n)).validate() for n in names]
+    with pytest.raises(RunFailedError) as stopped:
+        ablate._run_parallel(configs, tmp_path, resume=False, jobs=2, threads="1")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert started == names[:2]
+    assert sorted(signalled) == [(n, signal.SIGTERM) for n in names[:2]]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is put back

@@ -81,21 +81,28 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
                   jobs: int, overwrite: bool = False, pass_fds: Sequence[int] = (),
                   threads: str = "auto") -> None:
     """Each config in a ``bkbench.worker`` child, at most ``jobs`` at once; SIGTERM/SIGINT are
-    forwarded so that every child checkpoints. A failed child fails the ablation. Each child's
-    threads are chosen as it starts (``threads``: "auto" or a number, bkbench.threads)."""
-    pending, running, failed = list(configs), [], []
+    forwarded so that every child checkpoints, and no further row starts. A failed child fails
+    the ablation. Each child's threads are chosen as it starts (``threads``: "auto" or a number,
+    bkbench.threads)."""
+    pending, running, failed, signals = list(configs), [], [], []
     started, finished = time.time(), 0
-    forward = lambda signum, _frame: [p.send_signal(signum) for _, p in running]  # noqa: E731
+
+    def forward(signum, _frame):
+        signals.append(signum)
+        for _, p in running:
+            p.send_signal(signum)
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
+        while running or (pending and not signals):
+            while pending and not signals and len(running) < jobs:
                 c = pending.pop(0)
                 policy = choose_threads(threads)
                 running.append((c, subprocess.Popen(
                     [sys.executable, "-m", "bkbench.worker",
                      _payload(c, output_dir, resume, overwrite, policy)],
                     pass_fds=tuple(pass_fds), env={**os.environ, **policy.environ()})))
+            if not running:   # a signal came before any row of this round started
+                break
             # whichever child ends first frees its slot (waiting on the oldest would idle a core
             # while a shorter row behind it has already finished)
             while (done := next((r for r in running if r[1].poll() is not None), None)) is None:
@@ -105,6 +112,8 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
             finished += 1
             if code != 0:
                 failed.append((c.model_name, code))
+                log.info("ablate: row %s stopped (exit code %d)", c.model_name, code)
+                continue
             # rows finish about as fast as each other: the command's ETA from those so far
             left = (time.time() - started) / finished * (len(configs) - finished)
             log.info("ablate: row %s done (%d of %d), command ETA %s", c.model_name, finished,
@@ -112,8 +121,12 @@ def _run_parallel(configs: Sequence[BenchmarkConfig], output_dir: Path, resume: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    from ..benchmark import RunFailedError
+    if signals:
+        log.warning("ablate: interrupted by signal %d; %d of %d rows not started. Run the same "
+                    "command with --resume to continue.", signals[0], len(pending), len(configs))
+        raise RunFailedError(failed[0][0] if failed else configs[0].model_name, 128 + signals[0])
     if failed:
-        from ..benchmark import RunFailedError
         name, code = failed[0]
         raise RunFailedError(name, code)
 
