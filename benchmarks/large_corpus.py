@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         print(f"{name:22s} {r['train_tokens']:>14,} {r['vocab']:>7,} {r['build_mib']:>11,.0f} MiB "
               f"{r['train_mib']:>11,.0f} MiB")
     ok, excess = verdict(rows["synthetic"], rows[f"wikitext-2 ({scheme})"], args.limit_gib)
-    print(f"\ntraining peak RSS, synthetic minus WikiText-2: {excess:+.3f} GiB "
+    shown = round(excess, 3) + 0.0   # + 0.0 turns a rounded -0.0 into 0.0: no "-0.000"
+    print(f"\ntraining peak RSS, synthetic minus WikiText-2: {shown:+.3f} GiB "
           f"({'within' if ok else 'OVER'} the {args.limit_gib:g} GiB limit; {args.steps} steps "
           f"of {args.model}, smoke preset, word tokenizer)")
     return 0 if ok else 1

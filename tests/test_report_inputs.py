@@ -181,3 +181,20 @@ def test_a_size_sweep_of_wrong_types_is_named_and_skipped(tmp_path, capsys):
     code, err, md = _report(folder, capsys)
     assert code == 0 and "Traceback" not in err
     assert "size_scaling.json skipped: " in err and "Quality against model size" not in md
+
+
+def test_run_names_are_ordered_by_the_numbers_in_them(tmp_path):
+    # a size sweep's runs: string order put d_model128 before d_model64 in every table
+    import dataclasses
+
+    from bkbench.report.inputs import load_results_dir
+
+    template = next(iter(passing_set().values()))
+    names = ["resnet_bk_baseline-d_model128", "resnet_bk_baseline-d_model64",
+             "resnet_bk_baseline-d_model256", "bk-seed10", "bk-seed2"]
+    for name in names:
+        dataclasses.replace(template, model_name=name).save(tmp_path / f"{name}_results.json")
+    results, problems = load_results_dir(tmp_path)
+    assert problems == []
+    assert list(results) == ["bk-seed2", "bk-seed10", "resnet_bk_baseline-d_model64",
+                             "resnet_bk_baseline-d_model128", "resnet_bk_baseline-d_model256"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -160,6 +161,12 @@ def _skipped(path: Path, exc: Exception) -> str:
     return f"{path.name} skipped: {exc}"
 
 
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that orders the numbers inside run names by value: d_model64 before
+    d_model128, seed2 before seed10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResults], list[str]]:
     """(results by run name, problems) from a results folder's ``*_results.json`` files."""
     folder = Path(results_dir)
@@ -175,7 +182,8 @@ def load_results_dir(results_dir: str | Path) -> tuple[dict[str, BenchmarkResult
             continue
         results[r.model_name] = r
     order = {n: i for i, n in enumerate((BASELINE, "resnet_bk_baseline", CANDIDATE))}
-    results = dict(sorted(results.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    results = dict(sorted(results.items(),
+                          key=lambda kv: (order.get(kv[0], len(order)), natural_key(kv[0]))))
     if not results:
         raise ReportError(f"no readable *_results.json files in {str(folder)!r}"
                           + (f" ({'; '.join(problems)})" if problems else "")
