@@ -12,7 +12,7 @@ from bkbench.config import ConfigError, build_run_configs
 from bkbench.experiments.scale import fit_scale, parse_int_list, scale_claims, sweep_configs
 from bkbench.experiments.seeds import (aggregate, compare_aggregates, expand_seeds, mean_results,
                                        parse_seeds, seed_groups)
-from bkbench.experiments.stats import fit_power_law, summarize, welch_test
+from bkbench.experiments.stats import fit_power_law, holm_adjust, summarize, welch_test
 from bkbench.results import BenchmarkResults
 
 
@@ -391,3 +391,39 @@ def test_parallel_ablation_rows_run_at_the_requested_threads(tmp_path, monkeypat
     for payload, env in started:
         assert payload["thread_policy"]["threads"] == 1
         assert env["OMP_NUM_THREADS"] == "1"
+
+
+def test_holm_adjustment_against_hand_computed_values():
+    # sorted: 0.005 (x4), 0.01 (x3), 0.03 (x2), 0.04 (x1, raised to the running max 0.06)
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005, None]) == pytest.approx(
+        [0.03, 0.06, 0.06, 0.02, None])
+    assert holm_adjust([0.5, 0.6]) == [1.0, 1.0]        # capped at 1, monotone
+    assert holm_adjust([None, None]) == [None, None]
+    assert holm_adjust([0.02]) == [0.02]                 # one test: unchanged
+
+
+def test_ablation_significance_is_judged_on_the_holm_p_value():
+    # three rows against one baseline: two with plain p of about 0.03, which Holm's adjustment
+    # for three tests lifts over 0.05, and one with p under 0.001, which stays significant
+    from bkbench.experiments.ablate import ablation_rows, build_table, format_table
+    base = build_run_configs("smoke", models=["resnet_bk_baseline"])[0]
+    rows = dict(list(ablation_rows(base).items())[:4])
+    names = list(rows)
+    ppl = {names[0]: [60.0, 61.0, 59.5], names[1]: [62.6, 63.9, 61.8],
+           names[2]: [62.3, 63.5, 61.6], names[3]: [70.0, 71.5, 69.0]}
+    results = {f"{n}-seed{s}": _results(f"{n}-seed{s}", s, ppl[n][i], 5000.0)
+               for n in names for i, s in enumerate((1, 2, 3))}
+    for r in results.values():
+        r.peak_memory_mb = 100.0
+    table = build_table(rows, results, seeds=[1, 2, 3])
+    test = {r["row"]: r["welch_vs_baseline"]["test_perplexity"] for r in table["rows"][1:]}
+    p = {n: stats.ttest_ind(ppl[n], ppl[names[0]], equal_var=False).pvalue for n in names[1:]}
+    assert p[names[3]] < p[names[1]] < p[names[2]] < 0.05
+    assert test[names[3]]["p_holm"] == pytest.approx(3 * p[names[3]])
+    assert test[names[1]]["p_holm"] == pytest.approx(2 * p[names[1]])
+    assert test[names[2]]["p_holm"] == pytest.approx(2 * p[names[1]])   # the running maximum
+    line = {l.split(" | ")[0].lstrip("| "): l for l in format_table(table).splitlines()
+            if l.startswith("| bk")}
+    for n in names[1:3]:
+        assert "Holm p = " in line[n] and "(not significant)" in line[n]
+    assert "Holm p = " in line[names[3]] and "(not significant)" not in line[names[3]]

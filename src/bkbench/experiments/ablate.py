@@ -5,8 +5,9 @@ implemented flag alone, and every flag together. Each row is an ordinary ``bkben
 own child process, results file, checkpoints and ``--resume``), so a row's numbers equal a
 single run of the same config bit for bit. The table (``ablation.json``, ``ablation.md``,
 ``ablation.png``) gives per row: test perplexity (mean ± 95% CI over seeds), its difference
-from the baseline with the Welch interval of that difference, FLOPs per step, training
-tokens/s, peak memory and model size.
+from the baseline with the Welch interval of that difference and Welch's t-test p-value,
+also adjusted by Holm's method for the number of rows compared with the one baseline, FLOPs
+per step, training tokens/s, peak memory and model size.
 
 ``--jobs N`` runs N rows at once: that finishes sooner but the rows then compete for the CPU,
 so their timings are not comparable with each other (the table says so); perplexities and
@@ -33,7 +34,7 @@ from ..results import BenchmarkResults
 from ..threads import ThreadPolicy
 from ..threads import choose as choose_threads
 from .seeds import SIGNIFICANCE, expand_seeds
-from .stats import summarize, welch_difference_ci, welch_test
+from .stats import holm_adjust, summarize, welch_difference_ci, welch_test
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,10 @@ def build_table(rows: dict[str, BenchmarkConfig], results: dict[str, BenchmarkRe
                                   _values(results, BASELINE_ROW, seeds, field))
                 for field in ("test_perplexity", "tokens_per_second")}
         table_rows.append(row)
+    tests = [row["welch_vs_baseline"]["test_perplexity"] for row in table_rows
+             if "welch_vs_baseline" in row]
+    for test, p_holm in zip(tests, holm_adjust([t["p_value"] for t in tests])):
+        test["p_holm"] = p_holm
     first = results[table_rows[0]["runs"][0]]
     return {
         "kind": "bkbench ablation", "seeds": list(seeds) if seeds else [first.seed],
@@ -268,8 +273,9 @@ def table_notes(table: dict[str, Any]) -> list[str]:
         notes.append("**PROXY split scheme**: not comparable to official WikiText-2 numbers.")
     notes.append(f"Seeds: {', '.join(map(str, table['seeds']))}. Mean ± half-width of the 95% "
                  "interval over seeds; Δ is the difference of test perplexity from the baseline "
-                 "with its Welch interval and Welch's t-test p-value (two-sided; not significant "
-                 f"at p >= {SIGNIFICANCE}).")
+                 "with its Welch interval, Welch's t-test p-value (two-sided) and that p-value "
+                 "adjusted by Holm's method for all the rows compared with the one baseline "
+                 f"(not significant at Holm p >= {SIGNIFICANCE}).")
     if table.get("timing_note"):
         notes.append(f"Note: {table['timing_note']}.")
     return notes
@@ -283,9 +289,13 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
         delta = f"{d['delta']:+.2f} ({100 * d['relative']:+.2f}%)"
         if d.get("ci_low") is not None:
             delta += f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-        p = (r.get("welch_vs_baseline") or {}).get("test_perplexity", {}).get("p_value")
+        test = (r.get("welch_vs_baseline") or {}).get("test_perplexity", {})
+        p, p_holm = test.get("p_value"), test.get("p_holm")
         if p is not None:
-            delta += f", p = {p:.3g}" + ("" if p < SIGNIFICANCE else " (not significant)")
+            delta += f", p = {p:.3g}"
+            if p_holm is not None:   # tables written before the adjustment have none
+                delta += f", Holm p = {p_holm:.3g}"
+            delta += "" if (p if p_holm is None else p_holm) < SIGNIFICANCE else " (not significant)"
         rows.append([
             r["row"], ", ".join(f.removeprefix("use_") for f in r["flags"]) or "none",
             _mean_ci(r["test_perplexity"], ".2f"), delta,

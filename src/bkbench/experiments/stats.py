@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Summary", "summarize", "welch_test", "welch_difference_ci", "PowerLawFit",
-           "fit_power_law"]
+__all__ = ["Summary", "summarize", "welch_test", "welch_difference_ci", "holm_adjust",
+           "PowerLawFit", "fit_power_law"]
 
 
 @dataclass
@@ -73,6 +73,20 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
         return out
     result = stats.ttest_ind(a, b, equal_var=False)
     out["t"], out["p_value"] = float(result.statistic), float(result.pvalue)
+    return out
+
+
+def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of m p-values tested together (None: no test, left out of
+    m): the i-th smallest becomes max over j <= i of min(1, (m - j + 1) * p_(j)). A family of
+    tests then wrongly rejects any true null with probability at most the threshold, which
+    an ablation's dozen rows against one baseline would otherwise exceed."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m, running = len(order), 0.0
+    out: list[float | None] = [None] * len(p_values)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
     return out
 
 
