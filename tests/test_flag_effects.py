@@ -422,3 +422,25 @@ def test_transformer_takes_the_flags_that_apply_to_it():
     with fl.autocast(torch.device("cpu")):
         assert audit_causality(model, V, seq_len=16).causal
     assert isinstance(model.lm_head, QATLinear)
+
+
+def test_each_structural_prune_returns_the_freed_allocator_memory(monkeypatch):
+    # each pruning step gives the feed-forward matrices (and their activations) new shapes;
+    # without a trim the allocator keeps every old shape's freed blocks, and a 150-step
+    # default-preset run peaked at 1215 MiB RSS against 810 MiB with it (the baseline's 780)
+    import bkbench.train as train_mod
+
+    trims, changes = [], []
+    monkeypatch.setattr(train_mod, "release_freed_memory", lambda: trims.append(len(changes)))
+    original = train_mod.Trainer.model_structure_changed
+
+    def counted(self, reset_model_selection):
+        changes.append(reset_model_selection)
+        original(self, reset_model_selection)
+    monkeypatch.setattr(train_mod.Trainer, "model_structure_changed", counted)
+    t = trainer(config(use_pruning=True, pruning_frequency=2, pruning_target_sparsity=0.5,
+                       pruning_expert_min_share=0.3, warmup_steps=1))
+    t.fit()
+    assert t.flags["use_pruning"].expert_record["experts_removed"] > 0
+    assert len(changes) >= 3                                  # widths shrank, experts went
+    assert trims == list(range(1, len(changes) + 1))          # one trim after each change

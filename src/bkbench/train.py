@@ -41,6 +41,7 @@ from .eval import EvalResult, evaluate, target_nll
 from .flags import FlagSet, build_model
 from .hooks import RunContext
 from .metrics.contention import ContentionMonitor
+from .metrics.memory import release_freed_memory
 from .models.dropout import dropout_key
 from .seeding import seed_everything  # noqa: F401 (bkbench.train.seed_everything, as before)
 from .progress import CommandProgress, Phases, bar_size, duration
@@ -430,6 +431,7 @@ class Trainer:
             self.progress.best_valid = None
             self.progress.best_epoch = -1
             self.best_state = None
+        release_freed_memory()
 
     # --- checkpoints and logs ------------------------------------------------------------
 
