@@ -232,26 +232,35 @@ def test_ablation_rows_are_baseline_each_flag_and_all():
         assert {k: getattr(c, k) for k in shared} == {k: getattr(base, k) for k in shared}
 
 
-def test_ablation_table_gives_welch_p_values_against_the_baseline():
+def _synthetic_ablation(ppl: list[list[float]], tps: list[list[float]] | None = None):
+    """The ablation table of the first len(ppl) smoke rows from synthetic results (row i's
+    per-seed test perplexities ppl[i], tokens/s tps[i]): (row names, table, Markdown line of
+    each row by name)."""
     from bkbench.experiments.ablate import ablation_rows, build_table, format_table
     base = build_run_configs("smoke", models=["resnet_bk_baseline"])[0]
-    rows = dict(list(ablation_rows(base).items())[:3])
-    names = list(rows)
-    ppl = {names[0]: [60.0, 61.0, 59.5], names[1]: [60.2, 61.3, 59.1], names[2]: [70.0, 71.5, 69.0]}
-    tps = {names[0]: [5000, 5100, 4950], names[1]: [5200, 5150, 5300], names[2]: [3000, 3100, 2900]}
-    results = {f"{n}-seed{s}": _results(f"{n}-seed{s}", s, ppl[n][i], tps[n][i])
-               for n in names for i, s in enumerate((1, 2, 3))}
-    for r in results.values():
-        r.peak_memory_mb = 100.0
-    table = build_table(rows, results, seeds=[1, 2, 3])
+    rows = dict(list(ablation_rows(base).items())[:len(ppl)])
+    seeds = list(range(1, len(ppl[0]) + 1))
+    tps = tps or [[5000.0] * len(seeds)] * len(ppl)
+    results = {}
+    for name, row_ppl, row_tps in zip(rows, ppl, tps):
+        for s, p, t in zip(seeds, row_ppl, row_tps):
+            results[f"{name}-seed{s}"] = _results(f"{name}-seed{s}", s, p, t)
+            results[f"{name}-seed{s}"].peak_memory_mb = 100.0
+    table = build_table(rows, results, seeds=seeds)
+    lines = {l.split(" | ")[0].lstrip("| "): l for l in format_table(table).splitlines()
+             if l.startswith("| bk")}
+    return list(rows), table, lines
+
+
+def test_ablation_table_gives_welch_p_values_against_the_baseline():
+    ppl = [[60.0, 61.0, 59.5], [60.2, 61.3, 59.1], [70.0, 71.5, 69.0]]
+    tps = [[5000, 5100, 4950], [5200, 5150, 5300], [3000, 3100, 2900]]
+    names, table, line = _synthetic_ablation(ppl, tps)
     assert "welch_vs_baseline" not in table["rows"][0]
-    for r in table["rows"][1:]:
-        n = r["row"]
+    for i, r in enumerate(table["rows"][1:], 1):
         for field, values in (("test_perplexity", ppl), ("tokens_per_second", tps)):
-            want = stats.ttest_ind(values[n], values[names[0]], equal_var=False).pvalue
+            want = stats.ttest_ind(values[i], values[0], equal_var=False).pvalue
             assert r["welch_vs_baseline"][field]["p_value"] == pytest.approx(want, rel=1e-12)
-    md = format_table(table)
-    line = {l.split(" | ")[0].lstrip("| "): l for l in md.splitlines() if l.startswith("| bk")}
     assert "(not significant)" in line[names[1]]              # p ~ 0.9
     assert "p = " in line[names[2]] and "(not significant)" not in line[names[2]]
 
@@ -414,25 +423,14 @@ def test_holm_adjustment_against_hand_computed_values():
 def test_ablation_significance_is_judged_on_the_holm_p_value():
     # three rows against one baseline: two with plain p of about 0.03, which Holm's adjustment
     # for three tests lifts over 0.05, and one with p under 0.001, which stays significant
-    from bkbench.experiments.ablate import ablation_rows, build_table, format_table
-    base = build_run_configs("smoke", models=["resnet_bk_baseline"])[0]
-    rows = dict(list(ablation_rows(base).items())[:4])
-    names = list(rows)
-    ppl = {names[0]: [60.0, 61.0, 59.5], names[1]: [62.6, 63.9, 61.8],
-           names[2]: [62.3, 63.5, 61.6], names[3]: [70.0, 71.5, 69.0]}
-    results = {f"{n}-seed{s}": _results(f"{n}-seed{s}", s, ppl[n][i], 5000.0)
-               for n in names for i, s in enumerate((1, 2, 3))}
-    for r in results.values():
-        r.peak_memory_mb = 100.0
-    table = build_table(rows, results, seeds=[1, 2, 3])
-    test = {r["row"]: r["welch_vs_baseline"]["test_perplexity"] for r in table["rows"][1:]}
-    p = {n: stats.ttest_ind(ppl[n], ppl[names[0]], equal_var=False).pvalue for n in names[1:]}
-    assert p[names[3]] < p[names[1]] < p[names[2]] < 0.05
-    assert test[names[3]]["p_holm"] == pytest.approx(3 * p[names[3]])
-    assert test[names[1]]["p_holm"] == pytest.approx(2 * p[names[1]])
-    assert test[names[2]]["p_holm"] == pytest.approx(2 * p[names[1]])   # the running maximum
-    line = {l.split(" | ")[0].lstrip("| "): l for l in format_table(table).splitlines()
-            if l.startswith("| bk")}
+    ppl = [[60.0, 61.0, 59.5], [62.6, 63.9, 61.8], [62.3, 63.5, 61.6], [70.0, 71.5, 69.0]]
+    names, table, line = _synthetic_ablation(ppl)
+    test = [r["welch_vs_baseline"]["test_perplexity"] for r in table["rows"][1:]]
+    p = [stats.ttest_ind(row, ppl[0], equal_var=False).pvalue for row in ppl[1:]]
+    assert p[2] < p[0] < p[1] < 0.05
+    assert test[2]["p_holm"] == pytest.approx(3 * p[2])
+    assert test[0]["p_holm"] == pytest.approx(2 * p[0])
+    assert test[1]["p_holm"] == pytest.approx(2 * p[0])   # the running maximum
     for n in names[1:3]:
         assert "Holm p = " in line[n] and "(not significant)" in line[n]
     assert "Holm p = " in line[names[3]] and "(not significant)" not in line[names[3]]

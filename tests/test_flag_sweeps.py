@@ -278,7 +278,6 @@ def test_a_smoke_sweep_of_one_flag_trains_its_rows_and_chooses_on_validation(sha
     runs = {name: BenchmarkResults.load(out / f"{name}_results.json")
             for name in ["bk-baseline"] + [c["row"] for c in entry["candidates"]]}
     assert data["baseline"]["valid_perplexity"] == runs["bk-baseline"].valid_perplexity
-    entry = data["flags"]["use_multi_scale"]
     for c in entry["candidates"]:
         r = runs[c["row"]]
         assert r.config["flag_settings"]["multi_scale"]["factor"] == c["value"]

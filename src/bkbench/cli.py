@@ -21,6 +21,7 @@ from . import __version__
 from .config import (PRESETS, BenchmarkConfig, ConfigError, build_run_configs, config_keys,
                      load_yaml)
 from .runs import check_can_write, renames_run
+from .threads import threads_option
 from .validation import (check_device, check_output_dir, check_settings_have_their_flags,
                          nonempty_path)
 
@@ -118,13 +119,8 @@ def _add_option(group, name: str, kind: type, help_text: str | None) -> None:
                            help=help_text)
 
 
-def _threads(text: str) -> str:
-    from .threads import threads_option
-    return threads_option(text)
-
-
 def _add_threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_threads, default="auto", metavar="auto|N",
+    parser.add_argument("--threads", type=threads_option, default="auto", metavar="auto|N",
                         help="torch threads per run: 'auto' uses the CPUs that other "
                              "processes leave free when the run starts (at least one), N "
                              "exactly N; recorded in the results (default: %(default)s)")
@@ -273,7 +269,7 @@ def _add_scale_command(sub, add_config_fields) -> None:
     scale.add_argument("--resume", action="store_true",
                        help="measure only the points an interrupted sweep's scale.json lacks")
     scale.add_argument("--quiet", action="store_true", help="no progress bar")
-    scale.add_argument("--threads", type=_threads, default=None, metavar="auto|N",
+    scale.add_argument("--threads", type=threads_option, default=None, metavar="auto|N",
                        help="with --train: torch threads per run, as `bkbench run --threads` "
                             "(default: auto)")
     add_config_fields("scale", scale, exclude=frozenset({"n_seq", "d_model", "n_layers"}))

@@ -121,5 +121,5 @@ def choose(requested: str = "auto") -> ThreadPolicy:
     return ThreadPolicy("auto", threads, cpus, round(others, 2), how, wait)
 
 
-__all__ = ["ThreadPolicy", "choose", "parse_threads", "threads_option", "cpus_available", "other_runnable",
-           "SAMPLE_SECONDS"]
+__all__ = ["ThreadPolicy", "choose", "parse_threads", "threads_option", "cpus_available",
+           "other_runnable", "SAMPLE_SECONDS"]

@@ -293,9 +293,11 @@ def table_rows(table: dict[str, Any]) -> list[list[str]]:
         p, p_holm = test.get("p_value"), test.get("p_holm")
         if p is not None:
             delta += f", p = {p:.3g}"
-            if p_holm is not None:   # tables written before the adjustment have none
+            judged = p   # tables written before the adjustment have no Holm p
+            if p_holm is not None:
                 delta += f", Holm p = {p_holm:.3g}"
-            delta += "" if (p if p_holm is None else p_holm) < SIGNIFICANCE else " (not significant)"
+                judged = p_holm
+            delta += "" if judged < SIGNIFICANCE else " (not significant)"
         rows.append([
             r["row"], ", ".join(f.removeprefix("use_") for f in r["flags"]) or "none",
             _mean_ci(r["test_perplexity"], ".2f"), delta,
